@@ -1,0 +1,60 @@
+"""One error hierarchy for the whole tool; the CLI turns each into a one-line message and an exit code.
+
+The engine raises these and never prints or exits; ``dallecli.cli.errors`` is the only translator.
+"""
+
+from __future__ import annotations
+
+
+class DalleError(Exception):
+    """Base class: a failure the user can act on. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class UsageError(DalleError):
+    """Bad input from the user (an option value, a file): exit code 2, checked before any model loads."""
+
+    exit_code = 2
+
+
+class DeviceUnavailableError(UsageError):
+    """The requested ``--device`` does not exist on this machine."""
+
+
+class ModelNotFoundError(DalleError):
+    """A model name or path that resolves to nothing loadable."""
+
+
+class UnsafeWeightsError(DalleError):
+    """A model or LoRA whose weights are pickles (``.bin``, ``.ckpt``, ``.pt``) or not safetensors by content."""
+
+
+class CorruptWeightsError(DalleError):
+    """A ``.safetensors`` file that is truncated, a Git LFS pointer, or has an unreadable header."""
+
+
+class NonFiniteOutputError(DalleError):
+    """The decoded image holds NaN or Inf (in half precision this becomes the all-black image)."""
+
+
+class OutOfMemoryError(DalleError):
+    """The device ran out of memory; the message says what was asked for and what to lower."""
+
+    exit_code = 3
+
+
+class LoraError(DalleError):
+    """A LoRA file that cannot be applied, or that matches no layer of the model."""
+
+
+class CheckpointError(DalleError):
+    """A training checkpoint that cannot be read or resumed from."""
+
+
+class TrainingDivergedError(DalleError):
+    """The training loss became NaN or Inf; nothing is saved after that step."""
+
+
+class DatasetError(UsageError):
+    """A training folder with no usable images, or with missing captions."""

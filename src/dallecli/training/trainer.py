@@ -1,0 +1,316 @@
+"""The denoiser training loop shared by full training (the embedded model) and LoRA fine-tuning.
+
+The loss is the standard latent-diffusion objective (Rombach et al. 2022, "High-Resolution Image Synthesis
+with Latent Diffusion Models"): noise clean latents to a random timestep with the noise scheduler, predict
+the noise (epsilon) or the velocity (v, Salimans & Ho 2022) with the UNet conditioned on the text
+encoder's hidden states, and minimise the mean squared error, optionally weighted by Min-SNR-gamma
+(Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
+
+Data come pre-encoded (:class:`EncodedData`: VAE latents and token ids), which is the main speed lever on
+small hardware. Distribution and mixed precision go through ``accelerate``; every process draws the same
+index stream and takes its own slice, so a run is deterministic for a given seed and world size.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dallecli.errors import CheckpointError, TrainingDivergedError
+from dallecli.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Optimisation settings.
+
+    Attributes:
+        steps: optimiser steps in total (a resumed run stops at the same total).
+        batch_size: samples per process per micro-batch.
+        gradient_accumulation: micro-batches per optimiser step.
+        learning_rate: AdamW peak learning rate.
+        warmup_steps: linear warm-up steps, then constant.
+        weight_decay: AdamW weight decay.
+        seed: seeds initial RNG states, the data order and the noise.
+        mixed_precision: "no", "bf16" or "fp16" (accelerate's names).
+        caption_dropout: probability of replacing a caption by the empty one (trains classifier-free guidance).
+        ema_max_decay: keep an exponential moving average of the trained weights with this maximal decay
+            (warm-up as in diffusers' ``EMAModel``), or None.
+        snr_gamma: Min-SNR-gamma loss weighting, or None for plain MSE.
+        max_grad_norm: gradient clipping norm.
+        save_every: steps between checkpoints (0: only at the end).
+    """
+
+    steps: int
+    batch_size: int = 32
+    gradient_accumulation: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    seed: int = 0
+    mixed_precision: str = "no"
+    caption_dropout: float = 0.0
+    ema_max_decay: float | None = None
+    snr_gamma: float | None = 5.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0
+
+
+@dataclass
+class EncodedData:
+    """A training set after the frozen VAE and tokenizer have been applied once.
+
+    Attributes:
+        latents: (N, C, h, w) float32 latents already multiplied by the VAE's scaling factor.
+        input_ids: (N, L) int64 token ids, padded to the tokenizer's ``model_max_length`` L.
+        empty_ids: (L,) token ids of the empty caption (used for caption dropout).
+    """
+
+    latents: torch.Tensor
+    input_ids: torch.Tensor
+    empty_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass
+class StepReport:
+    """What the loop reports after each optimiser step (``step`` is 1-based, ``loss`` the step's mean)."""
+
+    step: int
+    total: int
+    loss: float
+
+
+@dataclass
+class TrainResult:
+    """Summary of a finished run: first step run (0 unless resumed), steps, final smoothed loss, wall time (s)."""
+
+    resumed_from: int
+    steps: int
+    loss: float
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for ``timesteps`` (B,), matching the scheduler's prediction type."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod).clamp(min=1e-8)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr.clamp(min=1e-8)
+
+
+class DenoiserTrainer:
+    """Trains a UNet (and optionally its text encoder) on :class:`EncodedData`.
+
+    Args:
+        unet: a ``UNet2DConditionModel`` (or any module with the same call signature).
+        text_encoder: a ``transformers`` text encoder whose first output is (B, L, D) hidden states.
+        noise_scheduler: a diffusers scheduler with ``add_noise`` and, for v-prediction, ``get_velocity``.
+        data: the encoded training set.
+        settings: optimisation settings.
+        parameters: the parameters to train (all of them for full training, the LoRA ones otherwise).
+        checkpoint_dir: where checkpoints go; None disables checkpoints and resume.
+        ema_parameters: the parameters to average with EMA (default: ``parameters``).
+    """
+
+    def __init__(self, unet, text_encoder, noise_scheduler, data: EncodedData, settings: TrainSettings,
+                 parameters: list[torch.nn.Parameter], checkpoint_dir: Path | None = None,
+                 ema_parameters: list[torch.nn.Parameter] | None = None):
+        from accelerate import Accelerator
+        from diffusers.optimization import get_scheduler
+
+        self.settings = settings
+        self.data = data
+        self.noise_scheduler = noise_scheduler
+        self.checkpoint_dir = checkpoint_dir
+        self.accelerator = Accelerator(
+            mixed_precision=settings.mixed_precision,
+            gradient_accumulation_steps=settings.gradient_accumulation,
+        )
+        torch.manual_seed(settings.seed)
+        self.parameters = parameters
+        optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=settings.warmup_steps)
+        self.train_text_encoder = any(p.requires_grad for p in text_encoder.parameters())
+        self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            unet, text_encoder, optimizer, lr_scheduler
+        )
+        self.ema = None
+        if settings.ema_max_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(ema_parameters or parameters, decay=settings.ema_max_decay,
+                                use_ema_warmup=True, power=2 / 3)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.python_rng = random.Random(settings.seed)
+        self.step = 0
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume: trained weights, optimizer, LR scheduler, EMA and RNG states."""
+        state = {
+            "parameters": [p.detach() for p in self.parameters],
+            "optimizer": self.optimizer.optimizer.state_dict() if hasattr(self.optimizer, "optimizer")
+            else self.optimizer.state_dict(),
+            "lr_scheduler": {k: v for k, v in self.lr_scheduler.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": list(self.python_rng.getstate()[1]) + [self.python_rng.getstate()[2]],
+            "settings": asdict(self.settings),
+        }
+        if self.ema is not None:
+            ema_state = self.ema.state_dict()
+            ema_state["shadow_params"] = list(ema_state["shadow_params"])
+            state["ema"] = ema_state
+        return state
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (main process only); returns its folder."""
+        if self.checkpoint_dir is None or not self.is_main_process:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.step, self.state())
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint in ``checkpoint_dir``; returns its step (0 when there is none).
+
+        Raises:
+            CheckpointError: the checkpoint does not fit the model being trained.
+        """
+        found = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
+        if not found:
+            return 0
+        step, state = load_checkpoint(found[-1])
+        saved = state["parameters"]
+        if len(saved) != len(self.parameters) or any(a.shape != b.shape for a, b in zip(saved, self.parameters)):
+            raise CheckpointError(f"checkpoint {found[-1]} was made for a different model or LoRA rank")
+        with torch.no_grad():
+            for param, value in zip(self.parameters, saved):
+                param.copy_(value)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.load_state_dict(state["optimizer"])
+        scheduler_state = dict(state["lr_scheduler"], lr_lambdas=[None] * len(inner.param_groups))
+        self.lr_scheduler.scheduler.load_state_dict(scheduler_state)
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        python_state = state["python_rng"]
+        self.python_rng.setstate((3, tuple(python_state[:-1]), python_state[-1]))
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.step = step
+        return step
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's slice of the next global batch: latents (B, C, h, w), ids (B, L)."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        size = self.settings.batch_size
+        index = torch.randint(0, len(self.data), (size * world,), generator=self.generator)[rank * size:(rank + 1) * size]
+        latents, ids = self.data.latents[index], self.data.input_ids[index].clone()
+        if self.settings.caption_dropout > 0:
+            drop = torch.rand(size, generator=self.generator) < self.settings.caption_dropout
+            ids[drop] = self.data.empty_ids
+        return latents.to(self.accelerator.device), ids.to(self.accelerator.device)
+
+    def _loss(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        scheduler = self.noise_scheduler
+        noise = torch.randn(latents.shape, generator=self.generator).to(latents.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=self.generator).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps) \
+            if scheduler.config.prediction_type == "v_prediction" else noise
+        with self.accelerator.autocast():
+            with torch.set_grad_enabled(self.train_text_encoder):
+                hidden = self.text_encoder(ids)[0]  # (B, L, D)
+            prediction = self.unet(noisy, timesteps, hidden).sample  # (B, C, h, w)
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if self.settings.snr_gamma is not None:
+            error = error * snr_weights(scheduler, timesteps, self.settings.snr_gamma)
+        return error.mean()
+
+    def run(self, on_step: Callable[[StepReport], None] | None = None,
+            on_save: Callable[[int], None] | None = None) -> TrainResult:
+        """Train until ``settings.steps``, checkpointing every ``settings.save_every`` steps.
+
+        Args:
+            on_step: called after every optimiser step (main process only).
+            on_save: called with the step after every checkpoint, e.g. to write sample images.
+
+        Returns:
+            A :class:`TrainResult`.
+
+        Raises:
+            TrainingDivergedError: the loss became NaN or Inf; the step is named and nothing is saved.
+        """
+        import time
+
+        start_step, started = self.step, time.perf_counter()
+        smoothed = math.nan
+        self.unet.train()
+        self.text_encoder.train(self.train_text_encoder)
+        while self.step < self.settings.steps:
+            step_loss = 0.0
+            for _ in range(self.settings.gradient_accumulation):
+                with self.accelerator.accumulate(self.unet):
+                    latents, ids = self._batch()
+                    loss = self._loss(latents, ids)
+                    if not torch.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"loss became {loss.item()} at step {self.step + 1}; nothing was saved after step "
+                            f"{self.step}. Lower --learning-rate (now {self.settings.learning_rate:g}) or use "
+                            "--mixed-precision no"
+                        )
+                    self.accelerator.backward(loss)
+                    if self.accelerator.sync_gradients:
+                        self.accelerator.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.item() / self.settings.gradient_accumulation
+            self.step += 1
+            if self.ema is not None:
+                self.ema.step(self.parameters)
+            smoothed = step_loss if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * step_loss
+            if on_step and self.is_main_process:
+                on_step(StepReport(self.step, self.settings.steps, smoothed))
+            every = self.settings.save_every
+            if (every and self.step % every == 0) or self.step == self.settings.steps:
+                self.save()
+                if on_save and self.is_main_process:
+                    on_save(self.step)
+        self.accelerator.wait_for_everyone()
+        return TrainResult(start_step, self.step, smoothed, time.perf_counter() - started, asdict(self.settings))
+
+    def averaged_weights(self):
+        """Context manager: inside it the trained parameters hold their EMA values (no-op without EMA)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def swap():
+            if self.ema is None:
+                yield
+                return
+            self.ema.store(self.parameters)
+            self.ema.copy_to(self.parameters)
+            try:
+                yield
+            finally:
+                self.ema.restore(self.parameters)
+
+        return swap()
