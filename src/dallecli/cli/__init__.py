@@ -1,0 +1,1 @@
+"""The ``dalle`` command line: thin Typer commands over the engine."""

@@ -1,0 +1,71 @@
+"""Output streams: stdout for data only, stderr (Rich) for progress, warnings and errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import lru_cache
+
+
+@lru_cache(maxsize=1)
+def err():
+    """The stderr Rich console."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    err().print(f"[yellow]warning:[/yellow] {message}", markup=True)
+
+
+def info(message: str) -> None:
+    """One informational line on stderr."""
+    err().print(message, markup=False)
+
+
+def out(line: str) -> None:
+    """One line of data on stdout."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def out_json(document) -> None:
+    """A JSON document on stdout."""
+    sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def step_progress(total: int, description: str):
+    """A Rich progress bar on stderr counting ``total`` units, or a no-op when stderr is not a terminal.
+
+    Returns:
+        A context manager whose value has ``advance(n=1)``.
+    """
+    from contextlib import nullcontext
+
+    console = err()
+    if not console.is_terminal:
+        class _Silent:
+            def advance(self, n: int = 1) -> None:
+                pass
+
+        return nullcontext(_Silent())
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    class _Bar:
+        def __enter__(self):
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task(description, total=total)
+            return self
+
+        def advance(self, n: int = 1) -> None:
+            self.progress.advance(self.task, n)
+
+        def __exit__(self, *exc):
+            return self.progress.__exit__(*exc)
+
+    return _Bar()

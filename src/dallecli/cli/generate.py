@@ -1,0 +1,88 @@
+"""``dalle generate``: text to images with one model, written as PNGs with their parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.cli.errors import handles_errors
+
+
+def _from_image(path: Path) -> dict:
+    from dallecli.images import read_metadata
+
+    return read_metadata(path)
+
+
+@handles_errors
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
+    num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="num_inference_steps (default: the model's).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale; 0 turns classifier-free guidance off.")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Width in pixels, a multiple of 8.")] = None,
+    height: Annotated[Optional[int], typer.Option(help="Height in pixels, a multiple of 8.")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from (needs guidance > 1).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Registry alias, org/name repo id or local folder (default: embedded).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, dpm++-karras, ddim, ddpm, unipc (default: the model's).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; never changes the pixels.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
+    from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
+) -> None:
+    """Generate images from a text prompt."""
+    from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
+    from dallecli.config import default_output_dir, env_default
+    from dallecli.engine.request import GenerationRequest, validate_request
+    from dallecli.engine.schedulers import a1111_sampler, validate_scheduler
+    from dallecli.errors import UsageError
+    from dallecli.images import write_png
+
+    stored = _from_image(from_image) if from_image else {}
+    if stored:
+        prompt = prompt if prompt is not None else stored.get("prompt")
+        negative_prompt = negative_prompt if negative_prompt is not None else stored.get("negative_prompt")
+        seed = seed if seed is not None else stored.get("seed")
+        steps = steps if steps is not None else stored.get("steps")
+        guidance = guidance if guidance is not None else stored.get("guidance_scale")
+        width = width if width is not None else stored.get("width")
+        height = height if height is not None else stored.get("height")
+        scheduler = scheduler if scheduler is not None else stored.get("scheduler")
+        model = model if model is not None else stored.get("model")
+        dtype = dtype if dtype is not None else stored.get("dtype")
+    if prompt is None:
+        raise UsageError("give a PROMPT (or --from IMAGE.png)")
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
+        guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
+    )
+    validate_request(request)  # before any model loads
+    validate_scheduler(scheduler)
+    folder = out or default_output_dir()
+
+    from dallecli.engine.generate import Engine
+
+    engine = Engine(model or env_default("model"), device or env_default("device"), dtype or env_default("dtype"))
+    planned, _ = engine.plan(request)
+    written: list[dict] = []
+    with step_progress(planned.num_images * planned.steps, "generating") as bar:
+        try:
+            for result in engine.generate(planned, on_step=lambda step, total: bar.advance()):
+                for message in result.warnings:
+                    warn(message)
+                settings = result.settings.to_dict()
+                path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]))
+                written.append({"path": str(path), "seed": settings["seed"]})
+                if not json_output:
+                    print_line(str(path))
+        except KeyboardInterrupt:
+            info(f"interrupted: {len(written)} finished image(s) kept in {folder}; the image in progress was discarded")
+            raise
+    if json_output:
+        parameters = {k: v for k, v in settings.items() if k != "seed"}
+        out_json({"images": written, "parameters": parameters})

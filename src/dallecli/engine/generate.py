@@ -1,0 +1,219 @@
+"""The generation loop: one loaded pipeline, per-image seeds, NaN checks, progress through a callback."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from dallecli import __version__
+from dallecli.engine.device import resolve_device, resolve_dtype
+from dallecli.engine.loading import default_size, load_pipeline, pipeline_class_name
+from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, validate_request
+from dallecli.engine.schedulers import make_scheduler, scheduler_name, validate_scheduler
+from dallecli.errors import NonFiniteOutputError, OutOfMemoryError
+from dallecli.store.registry import defaults_for
+from dallecli.store.resolve import ResolvedModel, resolve_model
+
+StepCallback = Callable[[int, int], None]  # (steps done in this batch, steps per batch)
+
+
+@dataclass(frozen=True)
+class PromptCheck:
+    """How a prompt fits the text encoder: ``tokens`` counted without BOS/EOS, ``limit`` likewise;
+    ``dropped`` is the text cut off (empty when it fits)."""
+
+    tokens: int
+    limit: int
+    dropped: str = ""
+
+    @property
+    def truncated(self) -> bool:
+        return self.tokens > self.limit
+
+    def as_metadata(self) -> dict | None:
+        if not self.truncated:
+            return None
+        return {"tokens": self.tokens, "kept": self.limit, "dropped": self.dropped}
+
+
+@dataclass
+class GeneratedImage:
+    """One finished image: ``image`` is a PIL RGB image, ``settings`` what it was made with."""
+
+    image: object
+    settings: ImageSettings
+    index: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def random_seed() -> int:
+    """A fresh seed in [0, 2**31) for runs without ``--seed``."""
+    return random.SystemRandom().randrange(0, 2**31)
+
+
+class Engine:
+    """A model on a device, loaded on first use and kept for later requests.
+
+    Args:
+        model: alias, ``org/name`` repo id, local folder, or None for the embedded model.
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps" (None = auto).
+        dtype: "auto", "float32", "float16" or "bfloat16" (None = the device's policy).
+
+    Raises:
+        ModelNotFoundError, DeviceUnavailableError, UsageError: at construction, before anything loads.
+    """
+
+    def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
+                 cache_dir: Path | None = None):
+        self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(self.device, dtype).dtype
+        self._pipe = None
+        self._base_scheduler_config = None
+
+    # -- model ---------------------------------------------------------------------------------------
+    @property
+    def pipe(self):
+        """The loaded diffusers pipeline (loads it on first access)."""
+        if self._pipe is None:
+            variant = self.model.spec.variant if self.model.spec and self.dtype != "float32" else None
+            self._pipe = load_pipeline(self.model.path, self.device, self.dtype, variant)
+            self._base_scheduler_config = dict(self._pipe.scheduler.config)
+        return self._pipe
+
+    def defaults(self) -> dict:
+        """Generation defaults for this model: ``{"steps", "guidance", "width", "height"}``."""
+        return defaults_for(self.model.spec, pipeline_class_name(self.model.path), default_size(self.model.path))
+
+    def check_prompt(self, prompt: str) -> PromptCheck:
+        """Count the prompt's tokens against the text encoder's limit (``model_max_length``)."""
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        limit = getattr(tokenizer, "model_max_length", None)
+        if tokenizer is None or not limit or limit > 100_000:
+            return PromptCheck(0, 0)
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+        tokens, kept = len(ids) - 2, limit - 2
+        dropped = tokenizer.decode(ids[limit - 1:-1]) if tokens > kept else ""
+        return PromptCheck(tokens, kept, dropped)
+
+    # -- generation ----------------------------------------------------------------------------------
+    def plan(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
+        """Validate, fill defaults, and fix the seed of every image (image i gets seed + i).
+
+        Raises:
+            UsageError: see :func:`dallecli.engine.request.validate_request`.
+        """
+        validate_request(request)
+        validate_scheduler(request.scheduler)
+        request = request.with_defaults(self.defaults())
+        validate_request(request)
+        seed = request.seed if request.seed is not None else random_seed()
+        request = replace(request, seed=seed)
+        return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
+
+    def _use_scheduler(self, name: str | None) -> str:
+        pipe = self.pipe
+        if name in (None, "default"):
+            if type(pipe.scheduler).__name__ != self._base_scheduler_config["_class_name"]:
+                import diffusers
+
+                cls = getattr(diffusers, self._base_scheduler_config["_class_name"])
+                pipe.scheduler = cls.from_config(self._base_scheduler_config)
+        elif scheduler_name(pipe.scheduler) != name:
+            pipe.scheduler = make_scheduler(name, self._base_scheduler_config)
+        return scheduler_name(pipe.scheduler)
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GeneratedImage]:
+        """Make the requested images, yielding each as soon as its batch is decoded.
+
+        Initial noise for image i comes from a CPU ``torch.Generator`` seeded with its own seed, so an image
+        depends only on its settings and seed, not on ``num_images`` or ``batch_size``.
+
+        Args:
+            request: the request; ``None`` fields take the model's defaults.
+            on_step: progress callback ``(step, steps)`` after each denoising step of each batch.
+
+        Yields:
+            :class:`GeneratedImage` in order; ``warnings`` of the first one hold prompt warnings.
+
+        Raises:
+            UsageError: invalid request (before anything loads).
+            NonFiniteOutputError: the decoded image holds NaN/Inf; nothing of that batch is yielded.
+            OutOfMemoryError: the device ran out of memory.
+        """
+        request, seeds = self.plan(request)
+        import torch
+
+        pipe = self.pipe
+        scheduler = self._use_scheduler(request.scheduler)
+        check = self.check_prompt(request.prompt)
+        warnings = []
+        if check.truncated:
+            warnings.append(
+                f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, dropped: \"{check.dropped}\""
+            )
+        if request.negative_prompt and request.guidance_scale <= 1:
+            warnings.append(f"--negative-prompt has no effect with guidance {request.guidance_scale:g} "
+                            "(classifier-free guidance needs a scale above 1)")
+        batch_size = request.batch_size or min(request.num_images, 4)
+        callback = None
+        if on_step is not None:
+            def callback(_pipe, step_index, _timestep, kwargs):
+                on_step(step_index + 1, request.steps)
+                return kwargs
+
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
+            try:
+                with torch.inference_mode():
+                    output = pipe(
+                        prompt=[request.prompt] * len(chunk),
+                        negative_prompt=[request.negative_prompt] * len(chunk) if request.negative_prompt else None,
+                        num_inference_steps=request.steps,
+                        guidance_scale=request.guidance_scale,
+                        width=request.width,
+                        height=request.height,
+                        generator=generators,
+                        output_type="pt",
+                        callback_on_step_end=callback,
+                    )
+            except torch.OutOfMemoryError as exc:
+                raise OutOfMemoryError(out_of_memory_message(self.device, request, len(chunk))) from exc
+            except RuntimeError as exc:
+                if "out of memory" in str(exc).lower():
+                    raise OutOfMemoryError(out_of_memory_message(self.device, request, len(chunk))) from exc
+                raise
+            images = output.images  # (B, 3, H, W) in [0, 1]
+            if not torch.isfinite(images).all():
+                raise NonFiniteOutputError(
+                    f"the decoded image contains NaN/Inf values (in {self.dtype} the VAE can overflow: this is "
+                    "what turns into an all-black image); nothing was written. Use --dtype float32 "
+                    "(or bfloat16), or an fp16-safe VAE"
+                )
+            for offset, seed in enumerate(chunk):
+                settings = ImageSettings(
+                    prompt=request.prompt, negative_prompt=request.negative_prompt, seed=seed,
+                    steps=request.steps, guidance_scale=float(request.guidance_scale), width=request.width,
+                    height=request.height, model=self.model.name, model_revision=self.model.revision,
+                    scheduler=scheduler, dtype=self.dtype, device=self.device, version=__version__,
+                    loras=[], truncation=check.as_metadata(),
+                )
+                index = start + offset
+                yield GeneratedImage(to_pil(images[offset]), settings, index, warnings if index == 0 else [])
+
+
+def to_pil(image):
+    """(3, H, W) float tensor in [0, 1] -> PIL RGB image (rounded like diffusers' ``numpy_to_pil``)."""
+    from PIL import Image
+
+    array = (image.detach().float().cpu().permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype("uint8")
+    return Image.fromarray(array)
+
+
+def out_of_memory_message(device: str, request: GenerationRequest, batch: int) -> str:
+    """The one-line advice for an out-of-memory failure: what was asked for and what to lower."""
+    return (f"out of memory on {device} making {batch} image(s) of {request.width}x{request.height} at once; "
+            "lower --batch-size or -n, the size, or use --low-memory / --dtype float16")

@@ -1,0 +1,123 @@
+"""Load a diffusers pipeline from safetensors only, and keep it loaded for the life of the process."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from dallecli.engine.weights import verify_folder
+from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError
+
+_CACHE: dict[tuple, object] = {}
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers warnings and progress bars: the CLI reports what matters itself."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+def pipeline_class_name(folder: Path) -> str | None:
+    """``_class_name`` from a folder's ``model_index.json`` (None when absent or unreadable)."""
+    try:
+        return json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def default_size(folder: Path) -> int | None:
+    """The image size (pixels) a pipeline folder was trained for: UNet/transformer ``sample_size`` times the
+    VAE's scale factor, or None when the configs do not say."""
+    try:
+        denoiser = next(folder / name / "config.json" for name in ("unet", "transformer")
+                        if (folder / name / "config.json").exists())
+        sample = json.loads(denoiser.read_text(encoding="utf-8")).get("sample_size")
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (StopIteration, OSError, ValueError):
+        return None
+    if not isinstance(sample, int):
+        return None
+    return sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+
+
+def _has_variant(folder: Path, variant: str) -> bool:
+    return any(f".{variant}." in p.name for p in folder.rglob("*.safetensors"))
+
+
+def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = None):
+    """Load (or reuse) the pipeline in ``folder`` on ``device`` in ``dtype``.
+
+    Every weights file is checked by content first (:func:`dallecli.engine.weights.verify_folder`), then
+    ``DiffusionPipeline.from_pretrained(..., use_safetensors=True)`` loads it; remote code is never trusted.
+    The result is cached in-process keyed by (folder, device, dtype, variant).
+
+    Args:
+        folder: a diffusers pipeline folder (``model_index.json`` + component folders).
+        device: torch device string ("cpu", "cuda", "mps", ...).
+        dtype: "float32", "float16" or "bfloat16".
+        variant: weights variant such as "fp16", used when the folder has it.
+
+    Raises:
+        UnsafeWeightsError: pickle-only components or pickles disguised as safetensors.
+        CorruptWeightsError: truncated or LFS-pointer weights.
+        ModelNotFoundError: not a pipeline folder, or diffusers cannot load it.
+        OutOfMemoryError: the weights do not fit on the device.
+    """
+    key = (str(folder.resolve()), device, dtype, variant)
+    if key in _CACHE:
+        return _CACHE[key]
+    if not (folder / "model_index.json").exists():
+        raise ModelNotFoundError(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
+    verify_folder(folder)
+    quiet_libraries()
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from diffusers.pipelines import pipeline_utils
+
+    # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
+    dtype_arg = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+    kwargs = {dtype_arg: getattr(torch, dtype)}
+    if variant and _has_variant(folder, variant):
+        kwargs["variant"] = variant
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, **kwargs
+        )
+    except (EnvironmentError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "safetensors" in message.lower() and "not found" in message.lower():
+            raise UnsafeWeightsError(f"{folder} lacks .safetensors weights for a component: {message}") from exc
+        raise ModelNotFoundError(f"cannot load the pipeline in {folder}: {message}") from exc
+    try:
+        pipe = pipe.to(device)
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemoryError(f"the model does not fit in {device} memory; try --low-memory or a smaller model") from exc
+    pipe.set_progress_bar_config(disable=True)
+    _CACHE[key] = pipe
+    return pipe
+
+
+def clear_cache() -> None:
+    """Forget every loaded pipeline (tests, or to free memory)."""
+    _CACHE.clear()

@@ -1,0 +1,116 @@
+"""What a generation asks for (:class:`GenerationRequest`) and what one image was made with (:class:`ImageSettings`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from dallecli.errors import UsageError
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA file and the scale it is applied with (0 disables it)."""
+
+    path: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A text-to-image request. ``None`` fields take the model's registry defaults.
+
+    Attributes:
+        prompt: the text to draw.
+        negative_prompt: what to steer away from (only has an effect with guidance_scale > 1).
+        num_images: images to make, >= 1.
+        seed: seed of image 0; image i gets ``seed + i``. None draws a random seed (recorded).
+        steps: ``num_inference_steps``, >= 1.
+        guidance_scale: classifier-free guidance scale, >= 0; 0 (or <= 1) turns guidance off.
+        width, height: image size in pixels, multiples of 8.
+        scheduler: a name from :data:`dallecli.engine.schedulers.SCHEDULERS`, or None for the model's own.
+        batch_size: images per forward pass (does not change any image's pixels).
+        loras: LoRAs to apply, in order.
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    num_images: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    batch_size: int | None = None
+    loras: tuple[LoraSpec, ...] = ()
+
+    def with_defaults(self, defaults: dict) -> GenerationRequest:
+        """Fill ``None`` fields from ``{"steps", "guidance", "width", "height"}``."""
+        return replace(
+            self,
+            steps=self.steps if self.steps is not None else defaults["steps"],
+            guidance_scale=self.guidance_scale if self.guidance_scale is not None else defaults["guidance"],
+            width=self.width if self.width is not None else defaults["width"],
+            height=self.height if self.height is not None else defaults["height"],
+        )
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Everything one image was made with; written into its PNG as the ``dalle`` chunk."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    model: str
+    model_revision: str | None
+    scheduler: str
+    dtype: str
+    device: str
+    version: str
+    loras: list[dict] = field(default_factory=list)
+    truncation: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def nearest_multiples(value: int, base: int = 8) -> tuple[int, int]:
+    """The multiples of ``base`` just below and just above ``value`` (pixels)."""
+    low = max(base, value - value % base)
+    return low, low + base
+
+
+def validate_request(request: GenerationRequest) -> None:
+    """Check a request before any model loads.
+
+    Raises:
+        UsageError: empty prompt, size not a multiple of 8 (naming the nearest valid sizes), or a count,
+            step number, guidance scale or seed out of range.
+    """
+    if not request.prompt or not request.prompt.strip():
+        raise UsageError("the prompt is empty")
+    for name, value in (("--width", request.width), ("--height", request.height)):
+        if value is None:
+            continue
+        if value < 8 or value > 8192:
+            raise UsageError(f"{name} {value} is out of range (8-8192 pixels)")
+        if value % 8:
+            low, high = nearest_multiples(value)
+            raise UsageError(f"{name} {value} is not a multiple of 8; the nearest valid sizes are {low} and {high}")
+    if request.num_images < 1:
+        raise UsageError(f"-n/--num-images must be at least 1 (got {request.num_images})")
+    if request.batch_size is not None and request.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {request.batch_size})")
+    if request.steps is not None and request.steps < 1:
+        raise UsageError(f"--steps must be at least 1 (got {request.steps})")
+    if request.guidance_scale is not None and request.guidance_scale < 0:
+        raise UsageError(f"--guidance must be 0 or more (got {request.guidance_scale})")
+    if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.num_images + 1:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED - request.num_images + 1} (got {request.seed})")

@@ -1,0 +1,123 @@
+"""Decide what a weights file is by its content, never by its name, and refuse anything but safetensors.
+
+A ``.safetensors`` file starts with an 8-byte little-endian header length N, then N bytes of JSON that give
+each tensor's byte range; the file must be exactly ``8 + N + max(end offset)`` bytes long. Pickles (the
+format behind ``.bin``, ``.ckpt``, ``.pt``) start with a protocol opcode (``0x80``) or, for torch's zip
+format, with ``PK``. Nothing here unpickles or imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from dallecli.errors import CorruptWeightsError, UnsafeWeightsError
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+LFS_POINTER_PREFIX = b"version https://git-lfs"
+
+
+def sniff(path: Path) -> str:
+    """Classify a file by its first bytes and size.
+
+    Returns:
+        "safetensors", "pickle", "zip" (torch's zipped pickle), "lfs-pointer", "truncated" (a safetensors
+        header that claims more bytes than the file has) or "unknown".
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(64)
+        if head.startswith(LFS_POINTER_PREFIX):
+            return "lfs-pointer"
+        if head.startswith(b"PK\x03\x04"):
+            return "zip"
+        if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+            return "pickle"
+        if len(head) < 8:
+            return "truncated" if head else "unknown"
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > MAX_HEADER_BYTES:
+            return "unknown"
+        if 8 + header_len > size:
+            return "truncated"
+        handle.seek(8)
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "unknown"
+    if not isinstance(header, dict):
+        return "unknown"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    expected = 8 + header_len + (max(ends) if ends else 0)
+    if size < expected:
+        return "truncated"
+    return "safetensors"
+
+
+def verify_safetensors(path: Path) -> None:
+    """Check that ``path`` is a complete safetensors file.
+
+    Raises:
+        UnsafeWeightsError: the content is a pickle (whatever the file is called).
+        CorruptWeightsError: truncated, a Git LFS pointer, or not safetensors at all; the message says to
+            re-download.
+    """
+    kind = sniff(path)
+    if kind == "safetensors":
+        return
+    if kind in ("pickle", "zip"):
+        raise UnsafeWeightsError(
+            f"{path.name} is a pickle file whatever its name says; refusing to load it (pickles can run code). "
+            "Use a .safetensors version of these weights"
+        )
+    if kind == "truncated":
+        raise CorruptWeightsError(
+            f"{path} is truncated (shorter than its safetensors header says); delete it and re-download"
+        )
+    if kind == "lfs-pointer":
+        raise CorruptWeightsError(
+            f"{path} is a Git LFS pointer, not the weights; fetch the real file (git lfs pull) or re-download"
+        )
+    raise CorruptWeightsError(f"{path} is not a safetensors file (unreadable header); re-download it")
+
+
+def refuse_pickle_only(folder: Path, what: str) -> None:
+    """Raise when ``folder`` holds pickle weights but no ``.safetensors``.
+
+    Raises:
+        UnsafeWeightsError: naming the pickle files found and the safe alternative.
+    """
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    pickles = [p.name for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles and not any(p.suffix.lower() == ".safetensors" for p in files):
+        shown = ", ".join(sorted(pickles)[:3])
+        raise UnsafeWeightsError(
+            f"{what} has only pickle weights ({shown}); dalle loads .safetensors only. "
+            "Use a repo or folder that provides .safetensors files"
+        )
+
+
+def verify_folder(folder: Path) -> list[Path]:
+    """Verify every ``.safetensors`` under ``folder`` and refuse components with only pickle weights.
+
+    Returns:
+        The safetensors files checked.
+
+    Raises:
+        UnsafeWeightsError, CorruptWeightsError: as :func:`verify_safetensors` and :func:`refuse_pickle_only`.
+    """
+    components = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+    for component in components + [folder]:
+        direct = [p for p in component.iterdir() if p.is_file()]
+        pickles = [p for p in direct if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix.lower() == ".safetensors" for p in direct):
+            refuse_pickle_only(component, f"component '{component.name}'")
+    checked = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".safetensors")
+    for path in checked:
+        verify_safetensors(path)
+    return checked

@@ -1,0 +1,173 @@
+"""Image files: safe unique names, atomic no-overwrite PNG writes with generation metadata, and reading it back.
+
+Each PNG carries two text chunks: ``parameters`` in the AUTOMATIC1111 format (read by most image tools) and
+``dalle``, a JSON document with every setting needed to reproduce the image (``dalle generate --from``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+
+from dallecli.errors import UsageError
+
+MAX_NAME_BYTES = 100
+_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f]')
+_SEPARATORS = re.compile(r"[\s\-_.,;!'`~()\[\]{}@#$%^&+=]+")
+_NUMBERED = re.compile(r"^(\d{4,})-")
+
+
+def slugify(text: str, max_bytes: int = 60) -> str:
+    """A file-name-safe form of ``text``: NFC, lower case, letters and digits of any script joined by '-',
+    cut at a character boundary to at most ``max_bytes`` UTF-8 bytes; "image" when nothing is left."""
+    text = unicodedata.normalize("NFC", text).lower()
+    text = _UNSAFE.sub(" ", text)
+    kept = "".join(ch if (ch.isalnum() or ch.isspace() or ch in "-_") else " " for ch in text)
+    slug = _SEPARATORS.sub("-", kept).strip("-")
+    encoded = slug.encode("utf-8")[:max_bytes]
+    slug = encoded.decode("utf-8", errors="ignore").strip("-")
+    return slug or "image"
+
+
+def next_index(folder: Path) -> int:
+    """One more than the highest ``NNNN-`` prefix of the files in ``folder`` (0 for an empty folder)."""
+    highest = -1
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            match = _NUMBERED.match(entry.name)
+            if match:
+                highest = max(highest, int(match.group(1)))
+    return highest + 1
+
+
+def image_name(index: int, seed: int, prompt: str, suffix: str = ".png") -> str:
+    """``0007-1234-a-red-circle.png``: at most 100 bytes, no path separators or reserved characters."""
+    head = f"{index:04d}-{seed}-"
+    room = MAX_NAME_BYTES - len(head.encode()) - len(suffix)
+    return head + slugify(prompt, max_bytes=min(60, room)) + suffix
+
+
+def a1111_parameters(settings: dict, sampler: str) -> str:
+    """The AUTOMATIC1111 ``parameters`` text for a settings dict."""
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    fields = [
+        f"Steps: {settings['steps']}", f"Sampler: {sampler}", f"CFG scale: {settings['guidance_scale']:g}",
+        f"Seed: {settings['seed']}", f"Size: {settings['width']}x{settings['height']}", f"Model: {settings['model']}",
+    ]
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def _atomic_link(tmp: Path, folder: Path, make_name, start: int) -> Path:
+    """Give ``tmp`` its final name without ever replacing a file; tries the next index on a clash."""
+    index = start
+    for _ in range(10_000):
+        final = folder / make_name(index)
+        try:
+            os.link(tmp, final)  # fails if final exists: no overwrite, even against other processes
+            return final
+        except FileExistsError:
+            index += 1
+        except OSError:  # file systems without hard links
+            if not final.exists():
+                os.replace(tmp, final)
+                return final
+            index += 1
+    raise UsageError(f"could not find a free file name in {folder}")
+
+
+def write_png(image, folder: Path, settings: dict, sampler: str, index: int | None = None) -> Path:
+    """Write ``image`` as a PNG with both metadata chunks, atomically, never overwriting a file.
+
+    The image goes to a temporary file in ``folder`` and is hard-linked to its final name, so a reader or
+    an interruption never sees a half-written PNG, and a name taken meanwhile (another process) is skipped.
+
+    Args:
+        image: a PIL image.
+        folder: the output folder (created).
+        settings: an :class:`~dallecli.engine.request.ImageSettings` dict (prompt, seed, steps, ...).
+        sampler: the AUTOMATIC1111 sampler name for the ``parameters`` chunk.
+        index: the number to start from; default: one more than the highest in ``folder``.
+
+    Returns:
+        The path written, directly inside ``folder``.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(settings, sampler))
+    info.add_text("dalle", json.dumps(settings, ensure_ascii=False))
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        start = next_index(folder) if index is None else index
+        return _atomic_link(tmp, folder, lambda i: image_name(i, settings["seed"], settings["prompt"]), start)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parse_a1111(text: str) -> dict:
+    """Parse an AUTOMATIC1111 ``parameters`` chunk into our settings keys (what it holds of them)."""
+    lines = text.strip().split("\n")
+    fields_line = lines[-1] if len(lines) > 1 and "Steps:" in lines[-1] else ""
+    body = lines[:-1] if fields_line else lines
+    prompt_lines, negative = [], None
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            negative = line[len("Negative prompt:"):].strip()
+        elif negative is None:
+            prompt_lines.append(line)
+        else:
+            negative += "\n" + line
+    result: dict = {"prompt": "\n".join(prompt_lines).strip(), "negative_prompt": negative}
+    fields = dict(re.findall(r"\s*([\w ]+):\s*([^,]+)", fields_line))
+    converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
+                  "Sampler": ("sampler", str), "Model": ("model", str)}
+    for key, (name, convert) in converters.items():
+        if key in fields:
+            try:
+                result[name] = convert(fields[key].strip())
+            except ValueError:
+                pass
+    if "Size" in fields and "x" in fields["Size"]:
+        width, _, height = fields["Size"].strip().partition("x")
+        if width.isdigit() and height.isdigit():
+            result["width"], result["height"] = int(width), int(height)
+    return result
+
+
+def read_metadata(path: Path) -> dict:
+    """The generation settings stored in an image: our ``dalle`` chunk, else a parsed ``parameters`` chunk.
+
+    Returns:
+        A dict with a ``source`` key ("dalle" or "a1111") and the settings found.
+
+    Raises:
+        UsageError: the file is not a readable image or carries no generation parameters.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", {}) or image.info)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UsageError(f"{path} is not a readable image ({exc})") from exc
+    if "dalle" in text:
+        try:
+            return {"source": "dalle", **json.loads(text["dalle"])}
+        except ValueError as exc:
+            raise UsageError(f"{path} has a damaged dalle metadata chunk") from exc
+    if "parameters" in text:
+        return {"source": "a1111", **parse_a1111(str(text["parameters"]))}
+    raise UsageError(f"{path} carries no generation parameters")

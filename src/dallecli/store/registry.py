@@ -1,0 +1,122 @@
+"""The model registry: curated aliases with their Hub repo and generation defaults (one source of truth).
+
+Every default that ``dalle generate`` applies (steps, guidance scale, size, dtype) comes from here for a
+registered model, or from :data:`GENERIC_DEFAULTS` for any other diffusers folder or repo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+EMBEDDED = "shapes"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry.
+
+    Attributes:
+        alias: the short name users type (``dalle generate --model ALIAS``).
+        repo_id: Hugging Face Hub repo id, or None for the embedded model.
+        family: pipeline family ("stable-diffusion", "sdxl", "sd3", "flux", "pixart").
+        steps: default ``num_inference_steps``.
+        guidance: default guidance scale (0 turns classifier-free guidance off).
+        width, height: default image size in pixels.
+        dtype: recommended dtype on CUDA ("float16" or "bfloat16"); CPU and MPS follow the device policy.
+        gated: whether the Hub repo asks users to accept a licence first.
+        licence: licence name.
+        size_gb: approximate download size of what the pipeline loads, GB.
+        note: one line for ``dalle models``.
+        variant: weights variant to download (e.g. "fp16"), or None for the default files.
+        vae_repo: a replacement VAE repo (e.g. an fp16-safe one), or None.
+    """
+
+    alias: str
+    repo_id: str | None
+    family: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    dtype: str = "float16"
+    gated: bool = False
+    licence: str = ""
+    size_gb: float = 0.0
+    note: str = ""
+    variant: str | None = None
+    vae_repo: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in (
+    ModelSpec(EMBEDDED, None, "stable-diffusion", steps=20, guidance=4.0, width=64, height=64, dtype="float32",
+              licence="Apache-2.0", size_gb=0.02,
+              note="embedded: flat coloured shapes, trained by this project; works offline"),
+    ModelSpec("sd-turbo", "stabilityai/sd-turbo", "stable-diffusion", steps=1, guidance=0.0, width=512,
+              height=512, licence="stabilityai-ai-community", size_gb=2.6, variant="fp16",
+              note="SD 2.1 distilled for 1-4 steps; fast general-purpose start"),
+    ModelSpec("sdxl-turbo", "stabilityai/sdxl-turbo", "sdxl", steps=1, guidance=0.0, width=512, height=512,
+              licence="stabilityai-ai-community", size_gb=6.9, variant="fp16",
+              note="SDXL distilled for 1-4 steps at 512x512"),
+    ModelSpec("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion", steps=30,
+              guidance=7.5, width=512, height=512, licence="creativeml-openrail-m", size_gb=2.6,
+              variant="fp16", note="the classic; the base most community LoRAs target"),
+    ModelSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", steps=30, guidance=5.0, width=1024,
+              height=1024, licence="openrail++", size_gb=6.9, variant="fp16",
+              vae_repo="madebyollin/sdxl-vae-fp16-fix",
+              note="SDXL base 1.0; uses the fp16-fix VAE in half precision"),
+    ModelSpec("sd-3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", steps=40, guidance=4.5,
+              width=1024, height=1024, dtype="bfloat16", gated=True, licence="stabilityai-ai-community",
+              size_gb=16.0, note="SD 3.5 Medium (MMDiT); gated: accept the licence on the model page"),
+    ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", steps=4, guidance=0.0, width=1024,
+              height=1024, dtype="bfloat16", licence="Apache-2.0", size_gb=34.0,
+              note="FLUX.1 schnell, 4 steps; needs a large GPU"),
+    ModelSpec("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", steps=20, guidance=4.5,
+              width=1024, height=1024, licence="openrail++", size_gb=21.0,
+              note="PixArt-Sigma (DiT with T5 text encoder)"),
+    ModelSpec("tiny-sd", "segmind/tiny-sd", "stable-diffusion", steps=25, guidance=7.5, width=512, height=512,
+              dtype="float16", licence="creativeml-openrail-m", size_gb=1.1,
+              note="distilled SD 1.5 (~55% smaller UNet); the most CPU-friendly real model"),
+)}
+
+GENERIC_DEFAULTS = {"steps": 25, "guidance": 7.0, "width": 512, "height": 512}
+FAMILY_DEFAULTS = {
+    "sdxl": {"steps": 30, "guidance": 5.0, "width": 1024, "height": 1024},
+    "sd3": {"steps": 28, "guidance": 4.5, "width": 1024, "height": 1024},
+    "flux": {"steps": 28, "guidance": 3.5, "width": 1024, "height": 1024},
+    "pixart": {"steps": 20, "guidance": 4.5, "width": 1024, "height": 1024},
+}
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "stable-diffusion",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "PixArtSigmaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart",
+}
+
+
+def lookup(name: str) -> ModelSpec | None:
+    """The registry entry for an alias or for its Hub repo id, or None."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    return next((s for s in REGISTRY.values() if s.repo_id and s.repo_id.lower() == name.lower()), None)
+
+
+def defaults_for(spec: ModelSpec | None, pipeline_class: str | None = None, sample_size: int | None = None) -> dict:
+    """Generation defaults ``{"steps", "guidance", "width", "height"}`` for a model.
+
+    Args:
+        spec: its registry entry, if any (wins).
+        pipeline_class: ``_class_name`` from its ``model_index.json``, for unregistered models.
+        sample_size: the denoiser's ``sample_size`` times the VAE scale factor, pixels, if known.
+    """
+    if spec is not None:
+        return {"steps": spec.steps, "guidance": spec.guidance, "width": spec.width, "height": spec.height}
+    family = PIPELINE_FAMILIES.get(pipeline_class or "", "stable-diffusion")
+    defaults = dict(FAMILY_DEFAULTS.get(family, GENERIC_DEFAULTS))
+    if sample_size:
+        defaults["width"] = defaults["height"] = sample_size
+    return defaults
