@@ -34,6 +34,18 @@ class CorruptWeightsError(DalleError):
     """A ``.safetensors`` file that is truncated, a Git LFS pointer, or has an unreadable header."""
 
 
+class DownloadError(DalleError):
+    """A download from the Hugging Face Hub that cannot start or finish (network, offline mode, disk space)."""
+
+
+class AuthError(DownloadError):
+    """The Hub answered 401: no token, or an invalid one, for a gated or private repo."""
+
+
+class GatedError(DownloadError):
+    """The Hub answered 403: the token is valid but its account has not accepted the model's licence."""
+
+
 class NonFiniteOutputError(DalleError):
     """The decoded image holds NaN or Inf (in half precision this becomes the all-black image)."""
 

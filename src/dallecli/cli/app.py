@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli import __version__
+from dallecli.cli.download import download
 from dallecli.cli.generate import generate
+from dallecli.cli.models import models_app
 
 app = typer.Typer(
     name="dalle",
@@ -33,6 +35,8 @@ def root(
 
 
 app.command("generate")(generate)
+app.command("download")(download)
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:

@@ -71,14 +71,16 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in (
               width=1024, height=1024, dtype="bfloat16", gated=True, licence="stabilityai-ai-community",
               size_gb=16.0, note="SD 3.5 Medium (MMDiT); gated: accept the licence on the model page"),
     ModelSpec("flux-schnell", "black-forest-labs/FLUX.1-schnell", "flux", steps=4, guidance=0.0, width=1024,
-              height=1024, dtype="bfloat16", licence="Apache-2.0", size_gb=34.0,
-              note="FLUX.1 schnell, 4 steps; needs a large GPU"),
+              height=1024, dtype="bfloat16", gated=True, licence="Apache-2.0", size_gb=34.0,
+              note="FLUX.1 schnell, 4 steps; needs a large GPU; gated: accept the terms on the model page"),
     ModelSpec("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", steps=20, guidance=4.5,
               width=1024, height=1024, licence="openrail++", size_gb=21.0,
               note="PixArt-Sigma (DiT with T5 text encoder)"),
-    ModelSpec("tiny-sd", "segmind/tiny-sd", "stable-diffusion", steps=25, guidance=7.5, width=512, height=512,
-              dtype="float16", licence="creativeml-openrail-m", size_gb=1.1,
-              note="distilled SD 1.5 (~55% smaller UNet); the most CPU-friendly real model"),
+    # segmind/tiny-sd ships its weights only as pickles (.bin) on main; BK-SDM-Tiny is the same block-removal
+    # distillation (arXiv 2305.15798) with .safetensors and fp16 variants for every component.
+    ModelSpec("tiny-sd", "nota-ai/bk-sdm-tiny", "stable-diffusion", steps=25, guidance=7.5, width=512, height=512,
+              dtype="float16", licence="creativeml-openrail-m", size_gb=1.7, variant="fp16",
+              note="BK-SDM-Tiny: distilled SD 1.4 (~55% smaller UNet); the most CPU-friendly real model"),
 )}
 
 GENERIC_DEFAULTS = {"steps": 25, "guidance": 7.0, "width": 512, "height": 512}

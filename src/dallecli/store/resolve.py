@@ -75,13 +75,14 @@ def resolve_model(name: str | None, cache_dir: Path | None = None) -> ResolvedMo
         raise ModelNotFoundError(
             f"unknown model '{name}': not a folder, a registry alias (see `dalle models`) or an org/name repo id"
         )
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    # Not snapshot_download(local_files_only=True): it calls a snapshot incomplete unless every file of the
+    # repo is cached, while `dalle download` fetches only what the pipeline loads. refs/main -> snapshot.
+    from huggingface_hub import try_to_load_from_cache
 
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as exc:
-        raise ModelNotFoundError(f"model '{name}' is not downloaded; run `dalle download {name}`") from exc
+    found = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache_dir)
+    if not isinstance(found, str):
+        raise ModelNotFoundError(f"model '{name}' is not downloaded; run `dalle download {name}`")
+    folder = Path(found).parent
     if not (folder / "model_index.json").exists():
         raise ModelNotFoundError(f"model '{name}' is only partly downloaded; run `dalle download {name}`")
     return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name)

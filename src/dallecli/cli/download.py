@@ -1,0 +1,88 @@
+"""``dalle download``: fetch what a pipeline loads from the Hugging Face Hub into the shared HF cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.cli.errors import handles_errors
+
+
+def _byte_progress(total: int):
+    """A Rich bytes bar (size, speed, ETA) on stderr; a no-op when stderr is not a terminal."""
+    from contextlib import nullcontext
+
+    from dallecli.cli.console import err
+
+    console = err()
+    if not console.is_terminal:
+        return nullcontext(lambda n, t: None)
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    class _Bar:
+        def __enter__(self):
+            self.progress = Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                     TimeRemainingColumn(), console=console, transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task("download", total=total or None)
+            return self.advance
+
+        def advance(self, n: int, expected: int) -> None:
+            self.progress.update(self.task, advance=n, total=max(total, expected) or None)
+
+        def __exit__(self, *exc):
+            return self.progress.__exit__(*exc)
+
+    return _Bar()
+
+
+@handles_errors
+def download(
+    name: Annotated[str, typer.Argument(help="Registry alias (see `dalle models`) or org/name Hub repo id.")],
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: main).")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="Weights variant, e.g. fp16 (default: the registry's).")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Hub token for gated models (default: $HF_TOKEN or `hf auth login`).",
+                                                 show_default=False)] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="HF cache folder (default: $HF_HUB_CACHE or $HF_HOME/hub).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and total size; download nothing.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
+) -> None:
+    """Download a model from the Hugging Face Hub (only the files its pipeline loads)."""
+    from dallecli.cli.console import info, out, out_json
+    from dallecli.store.download import human_size, missing_bytes, plan_download
+    from dallecli.store.download import download as fetch
+
+    plan = plan_download(name, revision=revision, variant=variant, token=token)
+    files = [{"path": f.path, "size": f.size} for f in plan.files]
+    if dry_run:
+        if json_output:
+            out_json({"repo_id": plan.repo_id, "revision": plan.revision, "commit": plan.commit,
+                      "variant": plan.variant, "files": files, "total_bytes": plan.total_bytes,
+                      "skipped": [{"path": p, "reason": r} for p, r in plan.skipped]})
+            return
+        for f in plan.files:
+            out(f"{human_size(f.size or 0):>10}  {f.path}")
+        out(f"{human_size(plan.total_bytes):>10}  total, {len(plan.files)} files ({plan.repo_id} @ {plan.commit})")
+        for path, reason in plan.skipped:
+            info(f"skipped {path}: {reason}")
+        return
+    needed, missing = missing_bytes(plan, cache_dir)
+    if missing:
+        info(f"{plan.repo_id} @ {plan.commit}: {len(missing)} of {len(plan.files)} files, {human_size(needed)}"
+             + (f" (variant {plan.variant})" if plan.variant else ""))
+    with _byte_progress(needed) as advance:
+        result = fetch(plan, token=token, cache_dir=cache_dir, on_progress=advance)
+    if result.already_cached:
+        info(f"{plan.repo_id} @ {result.commit} is already downloaded; nothing fetched")
+    info(f"verified {len(result.verified)} .safetensors file(s); revision {result.commit}")
+    if plan.spec is not None and plan.spec.gated:
+        info(f"licence: {plan.spec.licence}")
+    if json_output:
+        out_json({"repo_id": plan.repo_id, "name": plan.name, "revision": plan.revision, "commit": result.commit,
+                  "variant": plan.variant, "path": str(result.folder), "fetched_bytes": result.fetched_bytes,
+                  "files": files})
+    else:
+        out(str(result.folder))
