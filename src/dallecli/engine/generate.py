@@ -12,7 +12,7 @@ from dallecli.engine.device import resolve_device, resolve_dtype
 from dallecli.engine.loading import default_size, load_pipeline, pipeline_class_name
 from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, validate_request
 from dallecli.engine.schedulers import make_scheduler, scheduler_name, validate_scheduler
-from dallecli.errors import NonFiniteOutputError, OutOfMemoryError
+from dallecli.errors import NonFiniteOutputError, OutOfMemoryError, UsageError
 from dallecli.store.registry import defaults_for
 from dallecli.store.resolve import ResolvedModel, resolve_model
 
@@ -204,6 +204,84 @@ class Engine:
                 index = start + offset
                 yield GeneratedImage(to_pil(images[offset]), settings, index, warnings if index == 0 else [])
 
+    def generate_items(self, items: list[tuple[str, int]], request: GenerationRequest,
+                       on_step: StepCallback | None = None) -> list[GeneratedImage]:
+        """Make one image per ``(prompt, seed)`` item in a single forward pass with shared settings.
+
+        ``dalle batch`` uses this to put different prompts with identical settings into one batch. As in
+        :meth:`generate`, image k's noise comes from a CPU ``torch.Generator`` seeded with its own seed.
+
+        Args:
+            items: ``(prompt, seed)`` pairs, one image each; seeds in [0, 2**32).
+            request: the shared settings (negative prompt, steps, guidance, size, scheduler); its ``prompt``,
+                ``num_images``, ``seed`` and ``batch_size`` are ignored; ``None`` fields take the model's defaults.
+            on_step: progress callback ``(step, steps)`` after each denoising step.
+
+        Returns:
+            One :class:`GeneratedImage` per item, in order (``index`` = position in ``items``); ``warnings``
+            hold that item's prompt warnings.
+
+        Raises:
+            UsageError: no items, an empty prompt, a seed out of range or invalid settings (before anything loads).
+            NonFiniteOutputError, OutOfMemoryError: as in :meth:`generate`; nothing of the pass is returned.
+        """
+        if not items:
+            raise UsageError("generate_items needs at least one (prompt, seed) item")
+        for prompt, seed in items:
+            validate_request(replace(request, prompt=prompt, num_images=1, seed=seed))
+        request = replace(request, prompt=items[0][0], num_images=len(items), seed=None, batch_size=None)
+        validate_scheduler(request.scheduler)
+        request = request.with_defaults(self.defaults())
+        validate_request(request)
+        import torch
+
+        pipe = self.pipe
+        scheduler = self._use_scheduler(request.scheduler)
+        callback = None
+        if on_step is not None:
+            def callback(_pipe, step_index, _timestep, kwargs):
+                on_step(step_index + 1, request.steps)
+                return kwargs
+
+        prompts, seeds = [p for p, _ in items], [s for _, s in items]
+        try:
+            with torch.inference_mode():
+                output = pipe(
+                    prompt=prompts,
+                    negative_prompt=[request.negative_prompt] * len(items) if request.negative_prompt else None,
+                    num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
+                    width=request.width, height=request.height,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    output_type="pt", callback_on_step_end=callback,
+                )
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemoryError(out_of_memory_message(self.device, request, len(items))) from exc
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise OutOfMemoryError(out_of_memory_message(self.device, request, len(items))) from exc
+            raise
+        images = output.images  # (B, 3, H, W) in [0, 1]
+        if not torch.isfinite(images).all():
+            raise NonFiniteOutputError(
+                f"the decoded image contains NaN/Inf values (in {self.dtype} the VAE can overflow: this is what "
+                "turns into an all-black image); nothing was written. Use --dtype float32 (or bfloat16), or an "
+                "fp16-safe VAE"
+            )
+        results = []
+        for index, (prompt, seed) in enumerate(items):
+            check = self.check_prompt(prompt)
+            warnings = []
+            if check.truncated:
+                warnings.append(f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, "
+                                f"dropped: \"{check.dropped}\"")
+            settings = ImageSettings(
+                prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, steps=request.steps,
+                guidance_scale=float(request.guidance_scale), width=request.width, height=request.height,
+                model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.dtype,
+                device=self.device, version=__version__, loras=[], truncation=check.as_metadata(),
+            )
+            results.append(GeneratedImage(to_pil(images[index]), settings, index, warnings))
+        return results
 
 def to_pil(image):
     """(3, H, W) float tensor in [0, 1] -> PIL RGB image (rounded like diffusers' ``numpy_to_pil``)."""

@@ -1,0 +1,230 @@
+"""Turn prompt rows into (row, image) jobs: settings, seeds, shards, resume and grouping into forward passes.
+
+Seeds: with a base seed B (``--seed``, or drawn once and kept in the manifest's first line), image i of row r
+gets ``(B + 1000 * r + i) mod 2**32``; a row with its own ``seed`` S gets ``(S + i) mod 2**32`` (as
+``dalle generate --seed S -n N`` does). A row makes at most 1000 images, so no two images of a file share a
+seed unless rows set their own. The seed depends on nothing else: not on ``--batch-size``, the shard, the
+order of work or what is already done.
+
+Shards: ``--shard I/N`` (or ``RANK``/``WORLD_SIZE`` from torchrun/accelerate) takes the rows r with
+r mod N == I; every process parses and validates the whole file, so they all agree on row numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+from dallecli.batch.prompts import MAX_IMAGES_PER_ROW, PromptRow
+from dallecli.engine.request import MAX_SEED, GenerationRequest, validate_request
+from dallecli.errors import UsageError
+
+SEED_STRIDE = MAX_IMAGES_PER_ROW
+DEFAULT_BATCH_SIZE = 4
+# the fields that identify a finished image in the manifest (a job with the same values is not redone)
+KEY_FIELDS = ("row", "image", "prompt", "seed", "negative_prompt", "steps", "guidance_scale", "width", "height",
+              "model", "scheduler")
+
+
+def image_seed(base_seed: int, row: int, image: int, row_seed: int | None = None) -> int:
+    """The seed of image ``image`` of row ``row`` (both 0-based).
+
+    ``(row_seed + image) mod 2**32`` when the row sets its own seed, else
+    ``(base_seed + 1000 * row + image) mod 2**32``.
+    """
+    if row_seed is not None:
+        return (row_seed + image) % (MAX_SEED + 1)
+    return (base_seed + SEED_STRIDE * row + image) % (MAX_SEED + 1)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0 <= index < count): the rows r with r mod count == index."""
+
+    index: int
+    count: int
+
+    def takes(self, row: int) -> bool:
+        return row % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    """Parse ``--shard I/N``.
+
+    Raises:
+        UsageError: not two whole numbers ``I/N`` with 0 <= I < N.
+    """
+    index, sep, count = text.strip().partition("/")
+    if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+        raise UsageError(f"--shard '{text}' must look like I/N, e.g. 0/4 (shard I of N, counting from 0)")
+    index, count = int(index), int(count)
+    if count < 1 or index >= count:
+        raise UsageError(f"--shard {text}: I must be between 0 and N-1 (got I={index}, N={count})")
+    return Shard(index, count)
+
+
+def shard_from_env(environ: Mapping[str, str] | None = None) -> Shard | None:
+    """The shard of a process started by ``torchrun`` or ``accelerate launch`` (``RANK`` of ``WORLD_SIZE``);
+    None when ``WORLD_SIZE`` is unset or 1.
+
+    Raises:
+        UsageError: RANK/WORLD_SIZE that are not whole numbers with 0 <= RANK < WORLD_SIZE.
+    """
+    environ = os.environ if environ is None else environ
+    world = environ.get("WORLD_SIZE", "").strip()
+    if not world or world == "1":
+        return None
+    rank = environ.get("RANK", "").strip()
+    try:
+        return parse_shard(f"{rank}/{world}")
+    except UsageError:
+        raise UsageError(f"RANK={rank!r} WORLD_SIZE={world!r} from the environment do not form a shard; "
+                         "pass --shard I/N") from None
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Command-line settings, the defaults for every row (a row's own values override them).
+
+    ``None`` fields take the model's defaults. ``n`` images per row, ``seed`` the base seed (see
+    :func:`image_seed`), ``batch_size`` images per forward pass.
+    """
+
+    n: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str | None = None
+    scheduler: str | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+
+def validate_options(options: BatchOptions) -> None:
+    """Check the command-line settings before anything loads.
+
+    Raises:
+        UsageError: a value out of range (the message names the option).
+    """
+    validate_request(GenerationRequest(
+        prompt="-", negative_prompt=options.negative_prompt, num_images=options.n, steps=options.steps,
+        guidance_scale=options.guidance, width=options.width, height=options.height, batch_size=options.batch_size,
+    ))
+    if options.n > MAX_IMAGES_PER_ROW:
+        raise UsageError(f"-n/--num-images is at most {MAX_IMAGES_PER_ROW} per row in dalle batch (got {options.n})")
+    if options.seed is not None and not 0 <= options.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED} (got {options.seed})")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What images of one forward pass share (everything but prompt and seed)."""
+
+    negative_prompt: str | None
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    model: str
+    scheduler: str  # the --scheduler name, "default" for the model's own
+
+    def request(self) -> GenerationRequest:
+        """These settings as a request for :meth:`~dallecli.engine.generate.Engine.generate_items`."""
+        return GenerationRequest(
+            prompt="-", negative_prompt=self.negative_prompt, steps=self.steps, guidance_scale=self.guidance_scale,
+            width=self.width, height=self.height, scheduler=None if self.scheduler == "default" else self.scheduler,
+        )
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: image ``image`` (0-based) of row ``row``, from ``line`` of the file."""
+
+    row: int
+    line: int
+    image: int
+    prompt: str
+    seed: int
+    settings: Settings
+
+    def fields(self) -> dict:
+        """The job as flat manifest fields (row, line, image, prompt, seed and the settings)."""
+        return {"row": self.row, "line": self.line, "image": self.image, "prompt": self.prompt, "seed": self.seed,
+                **asdict(self.settings)}
+
+    def key(self) -> tuple:
+        """What identifies this image in the manifest (:data:`KEY_FIELDS`)."""
+        return record_key(self.fields())
+
+
+def record_key(record: Mapping) -> tuple:
+    """The :data:`KEY_FIELDS` of a manifest record (or of :meth:`Job.fields`), comparable with :meth:`Job.key`."""
+    return tuple(float(record.get(f)) if f == "guidance_scale" and record.get(f) is not None else record.get(f)
+                 for f in KEY_FIELDS)
+
+
+def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: Mapping, model: str,
+              base_seed: int, shard: Shard | None = None) -> list[Job]:
+    """Every (row, image) job of this shard, in file order, with its settings and seed fixed.
+
+    Args:
+        rows: the valid rows of the prompt file.
+        options: the command-line settings; a row's own settings override them.
+        model_defaults: ``{"steps", "guidance", "width", "height"}`` of the model (Engine.defaults()).
+        model: the model name recorded with each image.
+        base_seed: see :func:`image_seed`.
+        shard: take only this shard's rows (None: all rows).
+
+    Returns:
+        The jobs; image sizes in pixels.
+    """
+    jobs = []
+    for row in rows:
+        if shard is not None and not shard.takes(row.row):
+            continue
+        given = row.settings
+
+        def pick(name, option):
+            if name in given:
+                return given[name]
+            return option if option is not None else model_defaults[name]
+
+        settings = Settings(
+            negative_prompt=given.get("negative_prompt", options.negative_prompt) or None,
+            steps=int(pick("steps", options.steps)), guidance_scale=float(pick("guidance", options.guidance)),
+            width=int(pick("width", options.width)), height=int(pick("height", options.height)),
+            model=model, scheduler=options.scheduler or "default",
+        )
+        for image in range(given.get("n", options.n)):
+            seed = image_seed(base_seed, row.row, image, given.get("seed"))
+            jobs.append(Job(row.row, row.line, image, row.prompt, seed, settings))
+    return jobs
+
+
+def split_finished(jobs: Iterable[Job], finished: Mapping[tuple, object]) -> tuple[list[Job], list[Job]]:
+    """Split jobs into (pending, done) by whether their key is among ``finished`` keys."""
+    pending, done = [], []
+    for job in jobs:
+        (done if job.key() in finished else pending).append(job)
+    return pending, done
+
+
+def group_batches(jobs: Iterable[Job], batch_size: int) -> list[list[Job]]:
+    """Group jobs with identical :class:`Settings` (in order of first appearance) and cut each group into
+    forward passes of at most ``batch_size`` images; the last pass of a group may be smaller.
+
+    Raises:
+        UsageError: batch_size < 1.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    groups: dict[Settings, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.settings, []).append(job)
+    return [group[start:start + batch_size] for group in groups.values()
+            for start in range(0, len(group), batch_size)]

@@ -1,0 +1,292 @@
+"""Read prompt files (.txt, .csv, .tsv, .jsonl) into rows, reporting malformed rows with their line numbers.
+
+Formats:
+    .txt    one prompt per line; blank lines and lines starting with ``#`` are skipped; outer whitespace is
+            stripped; quotes and apostrophes are literal.
+    .csv    a header row with a ``prompt`` column (any case); standard CSV quoting.
+    .tsv    the same with tabs and no quoting at all (a field may start with ``"``, as in PartiPrompts.tsv).
+    .jsonl  one JSON object per line with a ``prompt`` string; blank lines are skipped.
+All are UTF-8 with or without a BOM, with LF, CRLF or CR line ends.
+
+Per-row settings (CSV/TSV columns or JSONL keys, empty or null = not set): ``negative_prompt``, ``seed``
+(seed of the row's image 0), ``n``, ``steps``, ``guidance``, ``width``, ``height``; ``num_images`` and
+``guidance_scale`` are accepted as other names. Other columns and keys are ignored and listed in
+:attr:`PromptFile.ignored_fields`.
+
+Every record (a prompt line, a data row, a JSON line; blank and comment lines excluded) gets a ``row`` number,
+0-based, whether it is valid or not, so that row numbers, seeds and shards do not move when a malformed row is
+skipped or fixed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dallecli.engine.request import MAX_SEED, nearest_multiples
+from dallecli.errors import UsageError
+
+FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+SETTING_FIELDS = ("negative_prompt", "seed", "n", "steps", "guidance", "width", "height")
+FIELD_ALIASES = {"num_images": "n", "guidance_scale": "guidance"}
+MAX_IMAGES_PER_ROW = 1000  # also the row stride of the seed formula in dallecli.batch.plan
+_LINE_BREAK = re.compile(rb"\r\n|\n|\r")
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """A valid prompt record.
+
+    Attributes:
+        row: 0-based index of the record in the file (malformed records counted, blank/comment lines not).
+        line: 1-based line number where the record starts.
+        prompt: the prompt, outer whitespace stripped.
+        settings: the per-row settings given, by name in :data:`SETTING_FIELDS` (only those set).
+    """
+
+    row: int
+    line: int
+    prompt: str
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InvalidRow:
+    """A malformed record: where it is and what is wrong with it."""
+
+    row: int
+    line: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.message}"
+
+
+@dataclass
+class PromptFile:
+    """A parsed prompt file: its valid rows, its malformed rows, and the columns/keys it ignored."""
+
+    path: Path
+    format: str
+    rows: list[PromptRow]
+    invalid: list[InvalidRow]
+    ignored_fields: list[str] = field(default_factory=list)
+
+
+def read_prompt_file(path: Path) -> PromptFile:
+    """Read and validate a whole prompt file (the format comes from the suffix).
+
+    Args:
+        path: a .txt, .csv, .tsv or .jsonl file.
+
+    Returns:
+        A :class:`PromptFile`; malformed records are in ``invalid``, not raised.
+
+    Raises:
+        UsageError: the file is missing or unreadable, has an unknown suffix, is not UTF-8 (CSV/TSV), has no
+            ``prompt`` column (CSV/TSV) or broken CSV quoting.
+    """
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"{path.name}: unknown prompt file type '{path.suffix}'; use .txt, .csv, .tsv or .jsonl")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"prompt file {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
+    return parse_prompts(data, fmt, path)
+
+
+def parse_prompts(data: bytes, fmt: str, path: Path | str = "<input>") -> PromptFile:
+    """Parse the bytes of a prompt file in format ``fmt`` ("txt", "csv", "tsv" or "jsonl").
+
+    Raises:
+        UsageError: as :func:`read_prompt_file`.
+    """
+    path = Path(path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if fmt == "txt":
+        return _parse_txt(data, path)
+    if fmt == "jsonl":
+        return _parse_jsonl(data, path)
+    if fmt in ("csv", "tsv"):
+        return _parse_table(data, path, fmt)
+    raise UsageError(f"unknown prompt file format '{fmt}'; use txt, csv, tsv or jsonl")
+
+
+def _lines(data: bytes):
+    """(line number, bytes) for each line; a final line break does not start an empty line."""
+    parts = _LINE_BREAK.split(data)
+    if parts and parts[-1] == b"":
+        parts.pop()
+    return enumerate(parts, start=1)
+
+
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+
+
+def _parse_txt(data: bytes, path: Path) -> PromptFile:
+    rows, invalid = [], []
+    for line, raw in _lines(data):
+        if not raw.strip():
+            continue
+        try:
+            text = _decode(raw).strip()
+        except ValueError as exc:
+            invalid.append(InvalidRow(len(rows) + len(invalid), line, str(exc)))
+            continue
+        if not text or text.startswith("#"):
+            continue
+        rows.append(PromptRow(len(rows) + len(invalid), line, text))
+    return PromptFile(path, "txt", rows, invalid)
+
+
+def _parse_jsonl(data: bytes, path: Path) -> PromptFile:
+    rows, invalid, ignored = [], [], set()
+    for line, raw in _lines(data):
+        if not raw.strip():
+            continue
+        row = len(rows) + len(invalid)
+        try:
+            try:
+                record = json.loads(_decode(raw))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"expected a JSON object with a \"prompt\", got {type(record).__name__}")
+            ignored.update(k for k in record if k != "prompt" and _field_name(k) not in SETTING_FIELDS)
+            prompt = record.get("prompt")
+            if not isinstance(prompt, str):
+                raise ValueError("\"prompt\" is missing" if prompt is None else "\"prompt\" must be a string")
+            settings = {_field_name(k): v for k, v in record.items() if _field_name(k) in SETTING_FIELDS}
+            rows.append(PromptRow(row, line, _check_prompt(prompt), _check_settings(settings, from_text=False)))
+        except ValueError as exc:
+            invalid.append(InvalidRow(row, line, str(exc)))
+    return PromptFile(path, "jsonl", rows, invalid, sorted(ignored))
+
+
+def _parse_table(data: bytes, path: Path, fmt: str) -> PromptFile:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path.name} line {line}: not valid UTF-8; save the file as UTF-8") from None
+    if fmt == "tsv":
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, invalid = [], []
+    header: list[str] | None = None
+    prompt_column = -1
+    ignored: list[str] = []
+    last = 0
+    try:
+        for record in reader:
+            line, last = last + 1, reader.line_num
+            if not any(cell.strip() for cell in record):
+                continue
+            if header is None:
+                header = [_field_name(cell.strip()) for cell in record]
+                if "prompt" not in header:
+                    raise UsageError(
+                        f"{path.name} has no 'prompt' column in its header (line {line}: "
+                        f"{', '.join(cell.strip() for cell in record)}); name the prompt column 'prompt', "
+                        "or use a .txt file with one prompt per line"
+                    )
+                prompt_column = header.index("prompt")
+                ignored = [name for name in header if name != "prompt" and name not in SETTING_FIELDS]
+                continue
+            row = len(rows) + len(invalid)
+            try:
+                if len(record) != len(header):
+                    raise ValueError(f"has {len(record)} fields, the header has {len(header)}")
+                settings = {name: cell.strip() for i, (name, cell) in enumerate(zip(header, record))
+                            if name in SETTING_FIELDS and i != prompt_column and cell.strip()}
+                rows.append(PromptRow(row, line, _check_prompt(record[prompt_column]),
+                                      _check_settings(settings, from_text=True)))
+            except ValueError as exc:
+                invalid.append(InvalidRow(row, line, str(exc)))
+    except csv.Error as exc:
+        raise UsageError(f"{path.name} line {reader.line_num}: {exc} (check the quoting)") from None
+    if header is None:
+        raise UsageError(f"{path.name} is empty: it needs a header row with a 'prompt' column")
+    return PromptFile(path, fmt, rows, invalid, ignored)
+
+
+def _field_name(name: str) -> str:
+    name = str(name).strip().lower().replace(" ", "_").replace("-", "_")
+    return FIELD_ALIASES.get(name, name)
+
+
+def _check_prompt(prompt: str) -> str:
+    prompt = prompt.strip()
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    return prompt
+
+
+def _check_settings(settings: dict, *, from_text: bool) -> dict:
+    """Convert and range-check per-row settings; raises ValueError naming the field and the bad value."""
+    checked = {}
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if name == "negative_prompt":
+            if not isinstance(value, str):
+                raise ValueError(f"negative_prompt must be a string, got {value!r}")
+            if value.strip():
+                checked[name] = value.strip()
+            continue
+        if name == "guidance":
+            number = _to_float(name, value, from_text)
+            if not math.isfinite(number) or number < 0:
+                raise ValueError(f"guidance must be 0 or more, got {value!r}")
+            checked[name] = number
+            continue
+        number = _to_int(name, value, from_text)
+        if name == "seed" and not 0 <= number <= MAX_SEED:
+            raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {number}")
+        if name == "n" and not 1 <= number <= MAX_IMAGES_PER_ROW:
+            raise ValueError(f"n must be between 1 and {MAX_IMAGES_PER_ROW}, got {number}")
+        if name == "steps" and number < 1:
+            raise ValueError(f"steps must be at least 1, got {number}")
+        if name in ("width", "height"):
+            if not 8 <= number <= 8192:
+                raise ValueError(f"{name} {number} is out of range (8-8192 pixels)")
+            if number % 8:
+                low, high = nearest_multiples(number)
+                raise ValueError(f"{name} {number} is not a multiple of 8; the nearest valid sizes are {low} and {high}")
+        checked[name] = number
+    return checked
+
+
+def _to_int(name: str, value, from_text: bool) -> int:
+    if from_text and isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        return int(value)
+    if not from_text and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be a whole number, got {value!r}")
+
+
+def _to_float(name: str, value, from_text: bool) -> float:
+    if from_text and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif not from_text and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"{name} must be a number, got {value!r}")

@@ -1,0 +1,144 @@
+"""Run planned jobs through one engine: forward passes, PNG writes, manifest lines, failures, a summary."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dallecli.batch.manifest import append_record
+from dallecli.batch.plan import Job
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class JobOutcome:
+    """What became of one job: ``status`` "done" (``path`` written) or "failed" (``error`` says why)."""
+
+    job: Job
+    status: str
+    path: Path | None = None
+    seconds: float | None = None
+    error: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchSummary:
+    """The end of a run: images made, skipped (already done), failed; ``seconds`` is the wall time of the
+    generation, ``load_seconds`` that of loading the model before it."""
+
+    images: int
+    skipped: int
+    failed: int
+    seconds: float
+    load_seconds: float
+    folder: str
+    manifest: str
+    base_seed: int
+    shard: str | None = None
+    grid: str | None = None
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        document = asdict(self)
+        document.update(seconds=round(self.seconds, 3), load_seconds=round(self.load_seconds, 3),
+                        images_per_second=round(self.images_per_second, 4))
+        return document
+
+
+def run_jobs(engine, batches: list[list[Job]], folder: Path, *, extra: dict | None = None,
+             replace: dict[tuple, list[Path]] | None = None, on_step: StepCallback | None = None
+             ) -> Iterator[JobOutcome]:
+    """Make the images of ``batches`` (one forward pass each), yielding each job's outcome.
+
+    Each image is written with :func:`dallecli.images.write_png` (atomic, never overwriting; its file-name
+    number is the row number), then its manifest line is appended. A pass that raises is retried one image at
+    a time, and an image that still fails is recorded as failed; the run goes on. Ctrl-C
+    (``KeyboardInterrupt``) propagates: the pass in progress is discarded, finished images stay recorded.
+
+    Args:
+        engine: a :class:`~dallecli.engine.generate.Engine`.
+        batches: from :func:`dallecli.batch.plan.group_batches`.
+        folder: the output folder.
+        extra: more fields for every manifest line (base_seed, shard, ...).
+        replace: ``--overwrite``: job key -> earlier files of that image, deleted just before the new one is
+            written.
+        on_step: progress callback ``(step, steps)`` after each denoising step.
+
+    Raises:
+        OSError: an image or the manifest cannot be written (not a row failure: the run stops).
+    """
+    for batch in batches:
+        yield from _run_batch(engine, batch, Path(folder), extra or {}, replace or {}, on_step)
+
+
+def _run_batch(engine, batch, folder, extra, replace, on_step):
+    from dallecli.engine.schedulers import a1111_sampler
+    from dallecli.images import write_png
+
+    start = time.perf_counter()
+    try:
+        results = engine.generate_items([(job.prompt, job.seed) for job in batch], batch[0].settings.request(),
+                                        on_step=on_step)
+    except Exception as exc:  # noqa: BLE001 - any failure of a pass is recorded, the run goes on
+        if len(batch) > 1:
+            for job in batch:
+                yield from _run_batch(engine, [job], folder, extra, replace, on_step)
+            return
+        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        append_record(folder, {"type": "image", "status": "failed", **batch[0].fields(), **extra,
+                               "error": f"{type(exc).__name__}: {error}"})
+        yield JobOutcome(batch[0], "failed", error=error)
+        return
+    seconds = (time.perf_counter() - start) / len(batch)
+    for job, result in zip(batch, results):
+        settings = result.settings.to_dict()
+        for old in replace.get(job.key(), []):
+            old.unlink(missing_ok=True)
+        path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]), index=job.row)
+        append_record(folder, {"type": "image", "status": "done", **job.fields(), **extra,
+                               "sampler": settings["scheduler"], "dtype": settings["dtype"],
+                               "device": settings["device"], "path": path.name, "seconds": round(seconds, 4)})
+        yield JobOutcome(job, "done", path, seconds, warnings=result.warnings)
+
+
+def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -> tuple[list[Job], list[Job]]:
+    """Find images written by an earlier run that stopped before recording them (between the PNG and its
+    manifest line); record them instead of making them again.
+
+    An orphan is the file a job would be written to (:func:`dallecli.images.image_name` with the row number)
+    whose stored metadata matches the job's prompt, seed and settings.
+
+    Returns:
+        (still pending, adopted) jobs.
+    """
+    from dallecli.errors import UsageError
+    from dallecli.images import image_name, read_metadata
+
+    still, adopted = [], []
+    for job in pending:
+        path = Path(folder) / image_name(job.row, job.seed, job.prompt)
+        try:
+            stored = read_metadata(path) if path.is_file() else None
+        except UsageError:
+            stored = None
+        s = job.settings
+        expected = {"prompt": job.prompt, "seed": job.seed, "negative_prompt": s.negative_prompt, "steps": s.steps,
+                    "guidance_scale": s.guidance_scale, "width": s.width, "height": s.height, "model": s.model}
+        if s.scheduler != "default":
+            expected["scheduler"] = s.scheduler
+        if stored and stored.get("source") == "dalle" and all(stored.get(k) == v for k, v in expected.items()):
+            append_record(folder, {"type": "image", "status": "done", **job.fields(), **(extra or {}),
+                                   "sampler": stored.get("scheduler"), "dtype": stored.get("dtype"),
+                                   "device": stored.get("device"), "path": path.name, "seconds": None})
+            adopted.append(job)
+        else:
+            still.append(job)
+    return still, adopted
+

@@ -1,0 +1,257 @@
+"""dalle batch with a tiny random pipeline: batches, manifest, resume, failures, Ctrl-C, shards, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import run_dalle
+from dallecli.cli.app import app
+from dallecli.engine.generate import Engine
+
+
+def tiny(tiny_pipeline, *extra: str) -> list[str]:
+    return ["--model", str(tiny_pipeline), "--width", "32", "--height", "32", "--steps", "2", *extra]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["batch", *args])
+
+
+def manifest(folder):
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def images(folder):
+    return sorted(p.name for p in folder.glob("*.png") if not p.name.startswith("grid"))
+
+
+def pixels(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def close(a, b, tolerance: int = 2) -> bool:
+    """Same image up to float summation order: a batch of another size can round a few pixels the other way."""
+    return a.shape == b.shape and int(np.abs(a.astype(int) - b.astype(int)).max()) <= tolerance
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Record the (prompts, steps) of every forward pass made through Engine.generate_items."""
+    calls = []
+    original = Engine.generate_items
+
+    def spy(self, items, request, on_step=None):
+        calls.append(([prompt for prompt, _ in items], request.steps))
+        return original(self, items, request, on_step)
+
+    monkeypatch.setattr(Engine, "generate_items", spy)
+    return calls
+
+
+def test_c08_partial_last_batch_manifest_and_resume(tiny_pipeline, tmp_path, passes):
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\na cat\n")
+    args = ["p.txt", *tiny(tiny_pipeline, "--batch-size", "2", "-n", "2", "--seed", "5", "--out", "out", "--grid")]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert len(images(out)) == 6 and (out / "grid.png").is_file()
+    assert [len(prompts) for prompts, _ in passes] == [2, 2, 2]
+    assert result.stdout.splitlines() == [f"out/{name}" for name in images(out)]
+    header, *records = manifest(out)
+    assert header["type"] == "run" and header["base_seed"] == 5
+    assert [(r["row"], r["image"], r["seed"]) for r in sorted(records, key=lambda r: (r["row"], r["image"]))] == [
+        (0, 0, 5), (0, 1, 6), (1, 0, 1005), (1, 1, 1006), (2, 0, 2005), (2, 1, 2006)]
+    for record in records:
+        assert record["status"] == "done" and (out / record["path"]).is_file()
+        assert record["steps"] == 2 and record["width"] == 32 and record["model"] == str(tiny_pipeline)
+        assert record["seconds"] > 0 and record["line"] == record["row"] + 1
+        stored = json.loads(Image.open(out / record["path"]).text["dalle"])
+        assert (stored["prompt"], stored["seed"]) == (record["prompt"], record["seed"])
+    assert "skipped 0, generating 6" in result.stderr and "images/s" in result.stderr
+
+    # the same command again: nothing to do, nothing written
+    before = (out / "manifest.jsonl").read_bytes()
+    passes.clear()
+    result = invoke(*args[:-1], "--json")
+    assert result.exit_code == 0, result.output
+    assert "skipped 6, generating 0" in result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["images"], summary["skipped"], summary["failed"], summary["base_seed"]) == (0, 6, 0, 5)
+    assert passes == [] and (out / "manifest.jsonl").read_bytes() == before and len(images(out)) == 6
+
+    # a deleted image is made again, identical, under the same name; nothing else is touched
+    victim = out / records[3]["path"]
+    original = pixels(victim)
+    victim.unlink()
+    result = invoke(*args[:-1])
+    assert result.exit_code == 0, result.output
+    assert "skipped 5, generating 1" in result.stderr
+    assert victim.is_file() and close(pixels(victim), original)  # made alone now, in a pass of 2 before
+    assert len(images(out)) == 6
+
+    # --overwrite makes everything again, replacing the files
+    result = invoke(*args[:-1], "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert "skipped 0, generating 6" in result.stderr and len(images(out)) == 6
+
+
+def test_grouping_by_settings_and_seeds_independent_of_batch_size(tiny_pipeline, tmp_path, passes):
+    lines = ['{"prompt": "a cat"}', '{"prompt": "a red circle", "steps": 3}', '{"prompt": "a blue square"}',
+             '{"prompt": "the knight", "steps": 3}', '{"prompt": "a photo", "seed": 77}']
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    result = invoke("p.jsonl", *tiny(tiny_pipeline, "--seed", "1", "--batch-size", "3", "--out", "big"))
+    assert result.exit_code == 0, result.output
+    assert passes == [(["a cat", "a blue square", "a photo"], 2), (["a red circle", "the knight"], 3)]
+    result = invoke("p.jsonl", *tiny(tiny_pipeline, "--seed", "1", "--batch-size", "1", "--out", "one"))
+    assert result.exit_code == 0, result.output
+    big = {(r["row"], r["seed"]): r["path"] for r in manifest(tmp_path / "big")[1:]}
+    one = {(r["row"], r["seed"]): r["path"] for r in manifest(tmp_path / "one")[1:]}
+    assert big.keys() == one.keys() == {(0, 1), (1, 1001), (2, 2001), (3, 3001), (4, 77)}
+    for key, name in big.items():
+        assert name == one[key]
+        assert close(pixels(tmp_path / "big" / name), pixels(tmp_path / "one" / name)), key
+
+
+def test_malformed_rows_stop_before_anything_unless_skipped(tiny_pipeline, tmp_path, passes):
+    (tmp_path / "p.csv").write_text("prompt,width\na cat,32\na dog,30\n,32\na bird,\n")
+    result = invoke("p.csv", *tiny(tiny_pipeline, "--out", "out"))
+    assert result.exit_code == 2
+    assert "line 3:" in result.stderr and "line 4:" in result.stderr and "--skip-invalid" in result.stderr
+    assert not (tmp_path / "out").exists() and passes == []
+    result = invoke("p.csv", *tiny(tiny_pipeline, "--out", "out", "--skip-invalid", "--seed", "0"))
+    assert result.exit_code == 0, result.output
+    assert sorted(r["row"] for r in manifest(tmp_path / "out")[1:]) == [0, 3]  # rows keep their numbers
+
+
+def test_failed_row_is_recorded_the_run_goes_on_and_a_rerun_retries_it(tiny_pipeline, tmp_path, monkeypatch):
+    original = Engine.generate_items
+
+    def flaky(self, items, request, on_step=None):
+        if any("square" in prompt for prompt, _ in items):
+            raise RuntimeError("simulated failure")
+        return original(self, items, request, on_step)
+
+    monkeypatch.setattr(Engine, "generate_items", flaky)
+    (tmp_path / "p.txt").write_text("a cat\na blue square\na red circle\n")
+    args = ["p.txt", *tiny(tiny_pipeline, "--batch-size", "3", "--out", "out")]
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert "1 image(s) failed" in result.stderr and "re-run" in result.stderr
+    records = manifest(tmp_path / "out")
+    failed = [r for r in records if r.get("status") == "failed"]
+    assert [(r["row"], r["line"], r["prompt"]) for r in failed] == [(1, 2, "a blue square")]
+    assert "simulated failure" in failed[0]["error"]
+    assert sorted(r["row"] for r in records if r.get("status") == "done") == [0, 2]
+    monkeypatch.setattr(Engine, "generate_items", original)
+    result = invoke(*args)  # no --seed: the base seed comes back from the manifest
+    assert result.exit_code == 0, result.output
+    assert "skipped 2, generating 1" in result.stderr
+    assert {r["base_seed"] for r in manifest(tmp_path / "out")[1:]} == {records[0]["base_seed"]}
+
+
+def test_ctrl_c_discards_the_pass_in_progress_and_says_how_to_resume(tiny_pipeline, tmp_path, monkeypatch):
+    original = Engine.generate_items
+    calls = []
+
+    def interrupted(self, items, request, on_step=None):
+        calls.append(items)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, items, request, on_step)
+
+    monkeypatch.setattr(Engine, "generate_items", interrupted)
+    (tmp_path / "p.txt").write_text("a cat\na blue square\na red circle\n")
+    args = ["p.txt", *tiny(tiny_pipeline, "--batch-size", "1", "--out", "out")]
+    result = invoke(*args)
+    assert result.exit_code == 130
+    assert "Resume with: dalle" in result.stderr and "discarded" in result.stderr
+    out = tmp_path / "out"
+    assert len(images(out)) == 1 and not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.setattr(Engine, "generate_items", original)
+    result = invoke(*args)
+    assert result.exit_code == 0 and "skipped 1, generating 2" in result.stderr
+    assert len(images(out)) == 3
+
+
+def test_image_written_but_not_recorded_is_adopted(tiny_pipeline, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\na red circle\n")
+    args = ["p.txt", *tiny(tiny_pipeline, "--out", "out", "--seed", "3")]
+    assert invoke(*args).exit_code == 0
+    path = tmp_path / "out" / "manifest.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # as if stopped between the PNG and its manifest line
+    result = invoke(*args)
+    assert result.exit_code == 0 and "skipped 2, generating 0" in result.stderr
+    assert len(images(tmp_path / "out")) == 2
+
+
+def test_two_shards_in_parallel_fill_one_folder_like_an_unsharded_run(tiny_pipeline, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\na red circle\na blue square\nthe knight\na photo\n")
+    common = ["batch", "p.txt", *tiny(tiny_pipeline, "-n", "2", "--batch-size", "2", "--out", "shared")]
+    env = dict(os.environ)
+    procs = [subprocess.Popen([sys.executable, "-m", "dallecli", *common, "--shard", f"{i}/2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    records = manifest(tmp_path / "shared")
+    assert [r["type"] for r in records].count("run") == 1  # no --seed: both shards used the one base seed
+    base_seed = records[0]["base_seed"]
+    done = [r for r in records if r["type"] == "image"]
+    assert {r["base_seed"] for r in done} == {base_seed}
+    assert sorted((r["row"], r["shard"]) for r in done) == [(r, f"{r % 2}/2") for r in range(5) for _ in range(2)]
+    assert len(images(tmp_path / "shared")) == 10
+
+    # same --batch-size: with -n 2 every pass holds one row's two images, sharded or not, so pixels match exactly
+    result = invoke("p.txt", *tiny(tiny_pipeline, "-n", "2", "--batch-size", "2", "--out", "single", "--seed",
+                                   str(base_seed)))
+    assert result.exit_code == 0, result.output
+    single = {(r["row"], r["image"], r["seed"]): r["path"] for r in manifest(tmp_path / "single")[1:]}
+    sharded = {(r["row"], r["image"], r["seed"]): r["path"] for r in done}
+    assert single.keys() == sharded.keys()
+    for key, name in single.items():
+        assert sharded[key] == name
+        assert np.array_equal(pixels(tmp_path / "single" / name), pixels(tmp_path / "shared" / name)), key
+
+    # the same shard again through the real entry point: nothing to do
+    again = run_dalle(*common, "--shard", "1/2")
+    assert again.returncode == 0 and "skipped 4, generating 0" in again.stderr
+
+
+def test_exit_codes_through_the_real_entry_point(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog", "width": 30}\n')
+    result = run_dalle("batch", "bad.jsonl", "--out", "out")
+    assert result.returncode == 2 and "line 2:" in result.stderr and "width 30" in result.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert run_dalle("batch", "p.txt", "--shard", "2/2").returncode == 2
+    assert run_dalle("batch", "missing.txt").returncode == 2
+
+
+def test_sigint_exits_130_and_the_next_run_resumes(tiny_pipeline, tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"a red circle {i}\n" for i in range(16)))
+    args = [sys.executable, "-m", "dallecli", "batch", "p.txt",
+            *tiny(tiny_pipeline, "--batch-size", "1", "--out", "out", "--seed", "0")]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # the first image is written
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert first.strip() and proc.returncode == 130, stderr
+    assert "Resume with:" in stderr
+    out = tmp_path / "out"
+    done = len([r for r in manifest(out) if r.get("status") == "done"])
+    assert 1 <= done < 16 and len(images(out)) == done
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    again = run_dalle("batch", "p.txt", *tiny(tiny_pipeline, "--batch-size", "4", "--out", "out", "--seed", "0"))
+    assert again.returncode == 0 and f"skipped {done}, generating {16 - done}" in again.stderr
+    assert len(images(out)) == 16
