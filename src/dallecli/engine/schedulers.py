@@ -9,8 +9,8 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
     # final_sigmas_type="zero": the last step lands on a clean image, not on sigma_min noise
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero"},
-              "DPM++ 2M"),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
+                                              "use_karras_sigmas": False}, "DPM++ 2M"),
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
                                                      "use_karras_sigmas": True}, "DPM++ 2M Karras"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),

@@ -1,0 +1,132 @@
+"""The engine on a tiny random pipeline: seeds, batching, guidance, truncation, NaN, schedulers.
+Cases C01, C02, C04, C21, C22."""
+
+import numpy as np
+import pytest
+
+from dallecli.engine.generate import Engine
+from dallecli.engine.request import GenerationRequest
+from dallecli.engine.schedulers import SCHEDULERS, make_scheduler
+from dallecli.errors import NonFiniteOutputError, UnsafeWeightsError, UsageError
+
+SMALL = {"width": 32, "height": 32, "steps": 2}
+
+
+def pixels(results):
+    return [np.asarray(r.image, dtype=np.int16) for r in results]
+
+
+def test_image_k_of_a_run_equals_a_single_run_with_its_seed_case_c04(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    four = list(engine.generate(GenerationRequest("a red circle", num_images=4, seed=1, batch_size=2, **SMALL)))
+    assert [r.settings.seed for r in four] == [1, 2, 3, 4]
+    alone = list(engine.generate(GenerationRequest("a red circle", num_images=1, seed=4, **SMALL)))
+    assert np.array_equal(pixels(four)[3], pixels(alone)[0])
+    assert not np.array_equal(pixels(four)[0], pixels(four)[1])  # seeds really differ
+
+
+def test_batch_size_does_not_change_pixels(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    batched = pixels(engine.generate(GenerationRequest("a cat", num_images=3, seed=10, batch_size=3, **SMALL)))
+    single = pixels(engine.generate(GenerationRequest("a cat", num_images=3, seed=10, batch_size=1, **SMALL)))
+    for a, b in zip(batched, single):
+        assert np.abs(a - b).max() <= 1  # float summation order differs with batch shape; at most 1 level
+
+
+def test_random_seed_is_drawn_and_recorded(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    results = list(engine.generate(GenerationRequest("a cat", num_images=2, **SMALL)))
+    assert results[1].settings.seed == results[0].settings.seed + 1
+    again = list(engine.generate(GenerationRequest("a cat", seed=results[1].settings.seed, **SMALL)))
+    assert np.array_equal(pixels(results)[1], pixels(again)[0])
+
+
+def test_guidance_zero_is_used_recorded_and_negative_prompt_warned_case_c21(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    with_negative = list(engine.generate(GenerationRequest("a cat", negative_prompt="blur", guidance_scale=0,
+                                                           seed=3, **SMALL)))
+    plain = list(engine.generate(GenerationRequest("a cat", guidance_scale=0, seed=3, **SMALL)))
+    guided = list(engine.generate(GenerationRequest("a cat", negative_prompt="blur", guidance_scale=7, seed=3,
+                                                    **SMALL)))
+    assert with_negative[0].settings.guidance_scale == 0.0
+    assert any("no effect" in w for w in with_negative[0].warnings)
+    assert np.array_equal(pixels(with_negative)[0], pixels(plain)[0])  # guidance off: negative prompt unused
+    assert not np.array_equal(pixels(guided)[0], pixels(plain)[0])
+
+
+def test_long_prompt_warns_once_and_records_truncation_case_c01(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    results = list(engine.generate(GenerationRequest(" ".join(["cat"] * 100), num_images=2, seed=0, **SMALL)))
+    warnings = [w for r in results for w in r.warnings]
+    assert len(warnings) == 1
+    assert "100 tokens" in warnings[0] and "keeps 75" in warnings[0]
+    assert results[0].settings.truncation == {"tokens": 100, "kept": 75, "dropped": " ".join(["cat"] * 25)}
+    short = list(engine.generate(GenerationRequest("a cat", seed=0, **SMALL)))
+    assert short[0].warnings == [] and short[0].settings.truncation is None
+
+
+def test_nan_output_writes_nothing_and_names_the_fix_case_c02(tiny_pipeline, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(tiny_pipeline, broken)
+    weights = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["decoder.conv_out.bias"] = torch.full_like(state["decoder.conv_out.bias"], float("nan"))
+    save_file(state, weights)
+    with pytest.raises(NonFiniteOutputError, match="--dtype float32"):
+        list(Engine(str(broken)).generate(GenerationRequest("a cat", seed=0, **SMALL)))
+
+
+@pytest.mark.parametrize("name", ["dpm++", "dpm++-karras", "euler", "euler-a"])
+def test_scheduler_ends_on_sigma_zero_case_c22(tiny_pipeline, name):
+    import json
+
+    config = json.loads((tiny_pipeline / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = make_scheduler(name, config)
+    scheduler.set_timesteps(8)
+    assert float(scheduler.sigmas[-1]) == 0.0
+    assert len(scheduler.timesteps) == 8
+
+
+def test_every_scheduler_generates(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    for name in SCHEDULERS:
+        result = next(engine.generate(GenerationRequest("a cat", seed=0, scheduler=name, **SMALL)))
+        assert result.settings.scheduler == name
+        assert result.image.size == (32, 32)
+
+
+def test_pipeline_is_loaded_once_per_process(tiny_pipeline):
+    first, second = Engine(str(tiny_pipeline)), Engine(str(tiny_pipeline))
+    assert first.pipe is second.pipe
+
+
+def test_defaults_come_from_the_model_folder(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    request, seeds = engine.plan(GenerationRequest("a cat", seed=5, num_images=2))
+    assert (request.width, request.height) == (32, 32)  # sample_size 16 x VAE factor 2
+    assert seeds == [5, 6]
+
+
+def test_pickle_only_model_is_refused(tiny_pipeline, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickles"
+    shutil.copytree(tiny_pipeline, folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(UnsafeWeightsError, match="only pickle weights"):
+        Engine(str(folder)).pipe
+
+
+def test_bad_requests_are_usage_errors(tiny_pipeline):
+    engine = Engine(str(tiny_pipeline))
+    for bad in (GenerationRequest(""), GenerationRequest("x", width=30), GenerationRequest("x", num_images=0),
+                GenerationRequest("x", steps=0), GenerationRequest("x", guidance_scale=-1),
+                GenerationRequest("x", scheduler="heun2")):
+        with pytest.raises(UsageError):
+            list(engine.generate(bad))
