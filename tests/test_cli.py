@@ -1,0 +1,81 @@
+"""The real entry point: exit codes, the stdout/stderr split, --json, --from, lazy imports. Cases C07, C17."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from conftest import run_dalle
+
+
+def test_help_does_not_import_torch_or_diffusers():
+    code = ("import sys; from dallecli.cli.app import app; sys.argv=['dalle','generate','--help']\n"
+            "try: app()\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch','diffusers','transformers','huggingface_hub') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "--num-images" in done.stdout
+
+
+def test_size_not_multiple_of_8_exits_2_before_loading_case_c07(tmp_path):
+    done = run_dalle("generate", "x", "--width", "640", "--height", "427", "--model", str(tmp_path / "no-such-model"))
+    assert done.returncode == 2
+    assert "424" in done.stderr and "432" in done.stderr
+    assert done.stdout == ""
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_model_and_device_are_one_line_errors(tiny_pipeline):
+    missing = run_dalle("generate", "x", "--model", "nobody/nothing")
+    assert missing.returncode == 1 and "dalle download nobody/nothing" in missing.stderr
+    device = run_dalle("generate", "x", "--model", str(tiny_pipeline), "--device", "cuda")
+    assert device.returncode == 2 and "not available" in device.stderr
+    for done in (missing, device):
+        assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_json_output_and_from_round_trip(tiny_pipeline, tmp_path):
+    out = tmp_path / "out"
+    done = run_dalle("generate", "a red cat", "-n", "2", "--seed", "9", "--steps", "2", "--model", str(tiny_pipeline),
+                     "--out", str(out), "--json", "--negative-prompt", "blue", "--guidance", "3")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert [image["seed"] for image in document["images"]] == [9, 10]
+    assert document["parameters"]["guidance_scale"] == 3.0 and document["parameters"]["steps"] == 2
+    first = document["images"][0]["path"]
+    stored = json.loads(Image.open(first).text["dalle"])
+    assert stored["negative_prompt"] == "blue" and stored["seed"] == 9 and stored["width"] == 32
+    again = run_dalle("generate", "--from", first, "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    [path] = again.stdout.split()
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(first)))
+    assert json.loads(Image.open(path).text["dalle"]) == stored
+
+
+def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file_case_c17(tiny_pipeline, tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dallecli", "generate", "a cat", "-n", "40", "--batch-size", "1", "--seed", "1",
+         "--steps", "4", "--model", str(tiny_pipeline), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("*.png"))) < 1:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    kept = sorted(out.iterdir())
+    assert kept and all(p.suffix == ".png" and not p.name.startswith(".tmp") for p in kept)
+    assert [line for line in stdout.split()] == [str(p) for p in kept]
+    for path in kept:
+        assert Image.open(path).size == (32, 32)  # complete, readable images
+    rerun = run_dalle("generate", "a cat", "--seed", "1", "--steps", "4", "--model", str(tiny_pipeline), "--out", str(out))
+    assert rerun.returncode == 0 and len(list(out.iterdir())) == len(kept) + 1

@@ -1,0 +1,60 @@
+"""The shipped embedded model: it loads with plain diffusers, and follows a simple prompt."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dallecli.engine.generate import Engine
+from dallecli.engine.request import GenerationRequest
+from dallecli.store.resolve import embedded_model_path
+from dallecli.training.adherence import detect
+
+
+def test_embedded_model_is_safetensors_and_small():
+    folder = embedded_model_path()
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    assert {p.parent.name for p in weights} == {"unet", "vae", "text_encoder"}
+    assert not [p for p in files if p.suffix in (".bin", ".ckpt", ".pt", ".pth")]
+    assert sum(p.stat().st_size for p in weights) <= 25 * 1024 * 1024
+    record = json.loads((folder / "training.json").read_text())
+    for key in ("steps", "batch_size", "wall_time_s", "data_seed", "code_version"):
+        assert key in record
+
+
+def test_loads_with_plain_diffusers():
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(embedded_model_path(), use_safetensors=True)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    assert pipe.tokenizer.model_max_length == 32
+
+
+def test_red_prompt_gives_a_red_circle_with_metadata():
+    engine = Engine(None)
+    results = list(engine.generate(GenerationRequest("a large red circle on a white background", num_images=2, seed=0)))
+    for result in results:
+        assert result.image.size == (64, 64)
+        found = detect(result.image)
+        assert (found.colour, found.background) == ("red", "white")
+        pixels = np.asarray(result.image, dtype=np.float32)
+        centre = pixels[24:40, 24:40].reshape(-1, 3).mean(axis=0)
+        assert centre[0] > 150 and centre[1] < 100 and centre[2] < 100  # mostly red in the middle
+    settings = results[0].settings
+    assert (settings.model, settings.steps, settings.width, settings.seed) == ("shapes", 20, 64, 0)
+
+
+def test_unknown_words_do_not_crash():
+    engine = Engine(None)
+    [result] = engine.generate(GenerationRequest("a zebra astronaut 東京 ★", seed=1))
+    assert result.image.size == (64, 64)
+
+
+@pytest.mark.slow
+def test_adherence_in_distribution():
+    from dallecli.training.adherence import evaluate
+
+    result = evaluate(None, per_category=30)
+    assert result["in_distribution"]["colour"]["accuracy"] >= 0.9
+    assert result["in_distribution"]["shape"]["accuracy"] >= 0.85
