@@ -8,6 +8,7 @@ import typer
 
 from dallecli import __version__
 from dallecli.cli.download import download
+from dallecli.cli.finetune import finetune
 from dallecli.cli.batch import batch
 from dallecli.cli.generate import generate
 from dallecli.cli.models import models_app
@@ -38,6 +39,7 @@ def root(
 app.command("generate")(generate)
 app.command("batch")(batch)
 app.command("download")(download)
+app.command("finetune")(finetune)
 app.add_typer(models_app, name="models")
 
 

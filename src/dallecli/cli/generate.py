@@ -34,6 +34,7 @@ def generate(
     dtype: Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file to apply, PATH[:SCALE] (scale 1 by default); repeatable.")] = None,
 ) -> None:
     """Generate images from a text prompt."""
     from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
@@ -57,9 +58,17 @@ def generate(
         dtype = dtype if dtype is not None else stored.get("dtype")
     if prompt is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
+    from dallecli.engine.lora import parse_lora
+    from dallecli.engine.request import LoraSpec
+
+    if lora:
+        loras = tuple(parse_lora(text) for text in lora)
+    else:
+        loras = tuple(LoraSpec(e["path"], e.get("scale", 1.0)) for e in stored.get("loras") or [])
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
         guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
+        loras=loras,
     )
     validate_request(request)  # before any model loads
     validate_scheduler(scheduler)
@@ -75,6 +84,12 @@ def generate(
             for result in engine.generate(planned, on_step=lambda step, total: bar.advance()):
                 for message in result.warnings:
                     warn(message)
+                for applied in result.settings.loras if result.index == 0 else []:
+                    info(f"LoRA {applied['name']}: {applied['tensors']} tensors applied to {applied['layers']} "
+                         f"layers at scale {applied['scale']:g}")
+                    if applied["tensors"] < applied["file_tensors"]:
+                        warn(f"LoRA {applied['name']}: {applied['file_tensors'] - applied['tensors']} of its "
+                             f"{applied['file_tensors']} tensors match no layer of this model")
                 settings = result.settings.to_dict()
                 path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]))
                 written.append({"path": str(path), "seed": settings["seed"]})

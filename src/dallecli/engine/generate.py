@@ -72,6 +72,7 @@ class Engine:
         self.dtype = resolve_dtype(self.device, dtype).dtype
         self._pipe = None
         self._base_scheduler_config = None
+        self._loras: tuple = ()  # (key, applied) of the LoRAs now in the pipeline
 
     # -- model ---------------------------------------------------------------------------------------
     @property
@@ -113,6 +114,27 @@ class Engine:
         request = replace(request, seed=seed)
         return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
 
+    def _use_loras(self, loras) -> list[dict]:
+        """Put exactly ``loras`` (LoraSpec, ...) into the pipeline (none: unload all); returns their metadata.
+
+        Raises:
+            LoraError, UnsafeWeightsError, CorruptWeightsError: see :func:`dallecli.engine.lora.apply_loras`.
+        """
+        key = tuple((str(Path(s.path).expanduser().resolve()), Path(s.path).expanduser().stat().st_mtime_ns
+                     if Path(s.path).expanduser().exists() else None, float(s.scale)) for s in loras)
+        from dallecli.engine.lora import apply_loras, loaded_adapters
+
+        # the loaded pipeline is shared by every Engine on the same model: trust what it holds, not a memo
+        held = loaded_adapters(self.pipe)
+        if not key and not held:
+            return []
+        if self._loras and self._loras[0] == key and len(held) == len(key):
+            return [dict(entry) for entry in self._loras[1]]
+        self._loras = ()
+        applied = apply_loras(self.pipe, list(loras))
+        self._loras = (key, applied) if key else ()
+        return [dict(entry) for entry in applied]
+
     def _use_scheduler(self, name: str | None) -> str:
         pipe = self.pipe
         if name in (None, "default"):
@@ -148,6 +170,7 @@ class Engine:
 
         pipe = self.pipe
         scheduler = self._use_scheduler(request.scheduler)
+        loras = self._use_loras(request.loras)
         check = self.check_prompt(request.prompt)
         warnings = []
         if check.truncated:
@@ -199,7 +222,7 @@ class Engine:
                     steps=request.steps, guidance_scale=float(request.guidance_scale), width=request.width,
                     height=request.height, model=self.model.name, model_revision=self.model.revision,
                     scheduler=scheduler, dtype=self.dtype, device=self.device, version=__version__,
-                    loras=[], truncation=check.as_metadata(),
+                    loras=loras, truncation=check.as_metadata(),
                 )
                 index = start + offset
                 yield GeneratedImage(to_pil(images[offset]), settings, index, warnings if index == 0 else [])
@@ -237,6 +260,7 @@ class Engine:
 
         pipe = self.pipe
         scheduler = self._use_scheduler(request.scheduler)
+        loras = self._use_loras(request.loras)
         callback = None
         if on_step is not None:
             def callback(_pipe, step_index, _timestep, kwargs):
@@ -278,7 +302,7 @@ class Engine:
                 prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, steps=request.steps,
                 guidance_scale=float(request.guidance_scale), width=request.width, height=request.height,
                 model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.dtype,
-                device=self.device, version=__version__, loras=[], truncation=check.as_metadata(),
+                device=self.device, version=__version__, loras=loras, truncation=check.as_metadata(),
             )
             results.append(GeneratedImage(to_pil(images[index]), settings, index, warnings))
         return results

@@ -71,11 +71,16 @@ class EncodedData:
         latents: (N, C, h, w) float32 latents already multiplied by the VAE's scaling factor.
         input_ids: (N, L) int64 token ids, padded to the tokenizer's ``model_max_length`` L.
         empty_ids: (L,) token ids of the empty caption (used for caption dropout).
+        hidden_states: optional (N, L, D) text-encoder outputs cached once when the text encoder is frozen;
+            when given, the trainer conditions on them instead of running the text encoder on ``input_ids``.
+        empty_hidden: (L, D) hidden states of the empty caption (caption dropout with ``hidden_states``).
     """
 
     latents: torch.Tensor
     input_ids: torch.Tensor
     empty_ids: torch.Tensor
+    hidden_states: torch.Tensor | None = None
+    empty_hidden: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -144,9 +149,13 @@ class DenoiserTrainer:
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=settings.warmup_steps)
         self.train_text_encoder = any(p.requires_grad for p in text_encoder.parameters())
-        self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            unet, text_encoder, optimizer, lr_scheduler
-        )
+        if self.train_text_encoder:
+            self.unet, self.text_encoder, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+                unet, text_encoder, optimizer, lr_scheduler
+            )
+        else:  # a frozen module cannot be wrapped in DistributedDataParallel
+            self.unet, self.optimizer, self.lr_scheduler = self.accelerator.prepare(unet, optimizer, lr_scheduler)
+            self.text_encoder = text_encoder.to(self.accelerator.device)
         self.ema = None
         if settings.ema_max_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -217,14 +226,17 @@ class DenoiserTrainer:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's slice of the next global batch: latents (B, C, h, w), ids (B, L)."""
+        """This process's slice of the next global batch: latents (B, C, h, w) and either ids (B, L) or,
+        with cached ``hidden_states``, hidden states (B, L, D)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         size = self.settings.batch_size
         index = torch.randint(0, len(self.data), (size * world,), generator=self.generator)[rank * size:(rank + 1) * size]
-        latents, ids = self.data.latents[index], self.data.input_ids[index].clone()
+        cached = self.data.hidden_states is not None
+        latents = self.data.latents[index]
+        ids = (self.data.hidden_states if cached else self.data.input_ids)[index].clone()
         if self.settings.caption_dropout > 0:
             drop = torch.rand(size, generator=self.generator) < self.settings.caption_dropout
-            ids[drop] = self.data.empty_ids
+            ids[drop] = self.data.empty_hidden if cached else self.data.empty_ids
         return latents.to(self.accelerator.device), ids.to(self.accelerator.device)
 
     def _loss(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -236,8 +248,11 @@ class DenoiserTrainer:
         target = scheduler.get_velocity(latents, noise, timesteps) \
             if scheduler.config.prediction_type == "v_prediction" else noise
         with self.accelerator.autocast():
-            with torch.set_grad_enabled(self.train_text_encoder):
-                hidden = self.text_encoder(ids)[0]  # (B, L, D)
+            if self.data.hidden_states is not None:
+                hidden = ids  # cached (B, L, D)
+            else:
+                with torch.set_grad_enabled(self.train_text_encoder):
+                    hidden = self.text_encoder(ids)[0]  # (B, L, D)
             prediction = self.unet(noisy, timesteps, hidden).sample  # (B, C, h, w)
         error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.settings.snr_gamma is not None:

@@ -1,0 +1,130 @@
+"""``dalle finetune``: train a LoRA (or the whole UNet) on a folder of images; see docs/finetune.md."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.cli.errors import handles_errors
+
+
+class _Progress:
+    """Rich bar on stderr (step, smoothed loss, steps/s, ETA); a line every ~10% when stderr is not a terminal."""
+
+    def __init__(self, total: int):
+        from dallecli.cli.console import err
+
+        self.total, self.console = total, err()
+        self.bar = self.task = None
+        self.started = self.first = None
+
+    def start(self, at: int) -> None:
+        if self.started is not None:
+            return
+        self.started, self.first = time.perf_counter(), at
+        if not self.console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
+                            TimeRemainingColumn(), console=self.console, transient=True)
+        self.bar.__enter__()
+        self.task = self.bar.add_task("training", total=self.total, completed=at, loss="-", rate="-")
+
+    def step(self, report) -> None:
+        if self.started is None:
+            self.start(report.step - 1)
+        rate = (report.step - self.first) / max(time.perf_counter() - self.started, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=report.step, loss=f"{report.loss:.4f}", rate=f"{rate:.2f}")
+        elif report.step % max(1, self.total // 10) == 0 or report.step == self.total:
+            eta = (self.total - report.step) / rate if rate else 0
+            self.console.print(f"step {report.step}/{self.total}  loss {report.loss:.4f}  {rate:.2f} steps/s  "
+                               f"ETA {eta:.0f}s", markup=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
+@handles_errors
+def finetune(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of images with captions (.txt/.caption, metadata.jsonl or metadata.csv).")],
+    model: Annotated[Optional[str], typer.Option(help="Base model: alias, repo id or folder (default: embedded).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./<DATA_DIR name>-lora).")] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).")] = None,
+    learning_rate: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    steps: Annotated[int, typer.Option(help="Optimiser steps in total (a resumed run stops at the same total).")] = 500,
+    batch_size: Annotated[int, typer.Option(help="Images per process per micro-batch.")] = 1,
+    gradient_accumulation: Annotated[int, typer.Option(help="Micro-batches per optimiser step.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the LoRA init, data order, noise, crops and samples.")] = 0,
+    resolution: Annotated[Optional[int], typer.Option(help="Training size in pixels, multiple of 8 (default: the model's).")] = None,
+    center_crop: Annotated[bool, typer.Option("--center-crop/--random-crop", help="Crop the centre, or a random place once per image.")] = True,
+    flip: Annotated[bool, typer.Option(help="Also train on horizontally mirrored images.")] = False,
+    caption: Annotated[Optional[str], typer.Option(help="Caption for images without one (e.g. 'a photo of sks cat').")] = None,
+    caption_prefix: Annotated[Optional[str], typer.Option(help="Text put before every caption, joined with ', '.")] = None,
+    allow_missing_captions: Annotated[bool, typer.Option(help="Train uncaptioned images on the empty caption instead of stopping.")] = False,
+    train_text_encoder: Annotated[bool, typer.Option(help="Also train the text encoder (LoRA, or fully with --full).")] = False,
+    full: Annotated[bool, typer.Option(help="Train all UNet weights; writes OUTPUT/model/ instead of a LoRA.")] = False,
+    mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (fp16 needs CUDA).")] = "no",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations to save memory.")] = False,
+    save_every: Annotated[int, typer.Option(help="Steps between checkpoints (0: only at the end).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in OUTPUT/checkpoints.")] = False,
+    sample_prompt: Annotated[Optional[list[str]], typer.Option(help="Prompt to render during training; repeatable.")] = None,
+    sample_every: Annotated[int, typer.Option(help="Steps between sample images (0: none).")] = 0,
+    export_kohya: Annotated[bool, typer.Option(help="Also write lora.kohya.safetensors (kohya/A1111 keys).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+) -> None:
+    """Fine-tune a model on a folder of your images (LoRA by default)."""
+    from dallecli.cli.console import info, out, out_json, warn
+    from dallecli.training.finetune import FinetuneConfig, FinetuneHooks, finetune as run_finetune
+
+    config = FinetuneConfig(
+        data_dir=data_dir, output=output, model=model, rank=rank, alpha=alpha, learning_rate=learning_rate,
+        steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation, seed=seed,
+        resolution=resolution, center_crop=center_crop, flip=flip, caption=caption, caption_prefix=caption_prefix,
+        allow_missing_captions=allow_missing_captions, train_text_encoder=train_text_encoder, full=full,
+        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, save_every=save_every,
+        resume=resume, sample_prompts=tuple(sample_prompt or ()),
+        sample_every=sample_every if sample_every or not sample_prompt else max(1, steps // 4),
+        export_kohya=export_kohya,
+    )
+    progress = _Progress(steps)
+
+    def scanned(scan) -> None:
+        for skipped in scan.skipped:
+            warn(f"skipped {skipped.path}: {skipped.reason}")
+        info(f"{scan.summary()} in {scan.folder}" + (f" ({len(scan.skipped)} file(s) skipped)" if scan.skipped else ""))
+
+    def resumed(step: int) -> None:
+        info(f"resumed at step {step}; {max(0, steps - step)} step(s) to go")
+
+    hooks = FinetuneHooks(
+        scanned=scanned, stage=info, resumed=resumed, started=progress.start, step=progress.step,
+        sampled=lambda step, paths: paths and info(f"step {step}: {len(paths)} sample(s) in {paths[0].parent}"),
+        saved=lambda step: None,
+    )
+    try:
+        result = run_finetune(config, hooks)
+    finally:
+        progress.close()
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    made = result.lora or result.model
+    info(f"trained steps {result.resumed_from + 1}-{result.steps} in {result.seconds:.1f}s "
+         f"({result.steps_per_second:.2f} steps/s, {result.processes} process(es)); final loss {result.loss:.4f}"
+         if result.steps_run else f"nothing to train: the checkpoint is already at step {result.steps}")
+    if json_output:
+        out_json(result.to_dict())
+    else:
+        out(str(made))
+        if result.kohya:
+            out(str(result.kohya))

@@ -1,0 +1,170 @@
+"""LoRA fine-tuning on the tiny pipeline (32x32): output file, samples, resume, NaN stop (C20), the LoRA's effect."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import SHARED, run_dalle
+from dallecli import __version__
+
+PHOTOS = SHARED / "data" / "photos"
+CAPTION = (PHOTOS / "chelsea.txt").read_text(encoding="utf-8").strip()
+
+
+def _config(model, output, **overrides):
+    from dallecli.training.finetune import FinetuneConfig
+
+    settings = dict(data_dir=PHOTOS, output=output, model=str(model), steps=6, learning_rate=1e-3, seed=0)
+    settings.update(overrides)
+    return FinetuneConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pipeline, tmp_path_factory):
+    """One 6-step LoRA run on the six photos (checkpoint every 3 steps, one sample at the end, kohya export)."""
+    from dallecli.training.finetune import FinetuneHooks, finetune
+
+    reports = []
+    output = tmp_path_factory.mktemp("finetune") / "photos-lora"
+    result = finetune(_config(tiny_pipeline, output, save_every=3, sample_prompts=(CAPTION,), sample_every=6,
+                              export_kohya=True), FinetuneHooks(step=reports.append))
+    return result, reports
+
+
+def test_lora_file_keys_metadata_checkpoints_and_samples(trained, tiny_pipeline):
+    result, reports = trained
+    assert [r.step for r in reports] == [1, 2, 3, 4, 5, 6]
+    assert result.lora == result.output / "lora.safetensors" and result.steps_per_second > 0
+    with safe_open(str(result.lora), framework="pt") as handle:
+        keys, meta = list(handle.keys()), handle.metadata()
+    assert keys and all(k.startswith("unet.") and ".lora" in k for k in keys)
+    assert any(".to_out.0." in k for k in keys) and any(".to_q." in k for k in keys)
+    assert meta["base_model"] == str(tiny_pipeline)
+    assert (meta["rank"], meta["alpha"], meta["steps"], meta["resolution"], meta["images"]) == ("4", "4", "6", "32", "6")
+    assert meta["tool_version"] == __version__
+    with safe_open(str(result.kohya), framework="pt") as handle:
+        assert all(k.startswith("lora_unet_") for k in handle.keys())
+    assert sorted(p.name for p in (result.output / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
+    assert len(result.samples) == 1 and result.samples[0].parent.name == "step-0000006"
+    assert not list(result.output.rglob(".tmp*"))
+    # plain diffusers takes the file as is
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, use_safetensors=True)
+    pipe.load_lora_weights(str(result.lora), adapter_name="mine")
+    assert "mine" in pipe.get_list_adapters()["unet"]
+
+
+def test_lora_changes_the_trained_caption_and_grows_with_scale(trained, tiny_pipeline):
+    from dallecli.engine.generate import Engine
+    from dallecli.engine.request import GenerationRequest, LoraSpec
+
+    result, _ = trained
+    engine = Engine(str(tiny_pipeline), "cpu", "float32")
+
+    def pixels(*loras):
+        image = next(engine.generate(GenerationRequest(CAPTION, seed=0, steps=2, loras=tuple(loras))))
+        return np.asarray(image.image).astype(np.int32), image.settings.loras
+
+    base, none = pixels()
+    off, _ = pixels(LoraSpec(str(result.lora), 0.0))
+    one, recorded = pixels(LoraSpec(str(result.lora), 1.0))
+    two, _ = pixels(LoraSpec(str(result.lora), 2.0))
+    kohya, _ = pixels(LoraSpec(str(result.kohya), 1.0))
+    again, _ = pixels()
+    assert none == [] and np.array_equal(off, base) and np.array_equal(again, base)
+    effect_one, effect_two = np.abs(one - base).mean(), np.abs(two - base).mean()
+    assert 0 < effect_one < effect_two
+    assert np.abs(kohya - one).max() <= 1  # same LoRA in the kohya layout
+    assert recorded[0]["scale"] == 1.0 and recorded[0]["tensors"] > 0
+
+
+def test_resume_runs_only_the_remaining_steps_and_matches_an_uninterrupted_run(tiny_pipeline, tmp_path):
+    from dallecli.training.finetune import finetune
+
+    straight = finetune(_config(tiny_pipeline, tmp_path / "straight", steps=4, save_every=2))
+    finetune(_config(tiny_pipeline, tmp_path / "resumed", steps=2, save_every=2))  # "interrupted" after 2
+    refused = run_dalle("finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output", str(tmp_path / "resumed"),
+                        "--steps", "4")
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = run_dalle("finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output", str(tmp_path / "resumed"),
+                        "--steps", "4", "--save-every", "2", "--learning-rate", "1e-3", "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 2" in resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert (summary["resumed_from"], summary["steps_run"], summary["steps"]) == (2, 2, 4)
+    a, b = load_file(straight.lora), load_file(summary["lora"])
+    assert a.keys() == b.keys()
+    assert all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-5) for k in a)
+
+
+def _nan_from_step(monkeypatch, bad_step: int):
+    import torch
+
+    from dallecli.training.trainer import DenoiserTrainer
+
+    original = DenoiserTrainer._loss
+
+    def loss(self, latents, ids):
+        value = original(self, latents, ids)
+        return value * torch.tensor(float("nan")) if self.step + 1 >= bad_step else value
+
+    monkeypatch.setattr(DenoiserTrainer, "_loss", loss)
+
+
+def test_nan_loss_stops_at_its_step_and_nothing_is_saved_after(tiny_pipeline, tmp_path, monkeypatch):
+    """C20."""
+    from dallecli.errors import TrainingDivergedError
+    from dallecli.training.finetune import finetune
+
+    _nan_from_step(monkeypatch, 3)
+    output = tmp_path / "out"
+    with pytest.raises(TrainingDivergedError, match=r"at step 3.*--learning-rate"):
+        finetune(_config(tiny_pipeline, output, save_every=1))
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    assert not (output / "lora.safetensors").exists() and not (output / "training.json").exists()
+
+    from dallecli.cli.app import app
+
+    cli_out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output",
+                                      str(cli_out), "--steps", "5", "--json"])
+    assert result.exit_code == 1
+    assert "at step 3" in result.stderr and "Lower --learning-rate" in result.stderr
+    assert result.stdout == ""
+    assert not (cli_out / "lora.safetensors").exists()
+
+
+def test_bad_options_fail_before_loading(tmp_path):
+    result = run_dalle("finetune", str(PHOTOS), "--output", str(tmp_path / "o"), "--resolution", "30")
+    assert result.returncode == 2 and "--resolution 30" in result.stderr
+    result = run_dalle("finetune", str(PHOTOS), "--output", str(tmp_path / "o"), "--mixed-precision", "fp8")
+    assert result.returncode == 2 and "--mixed-precision" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_data_parallel(tiny_pipeline, tmp_path):
+    """``accelerate launch`` with 2 CPU processes (gloo): one run, one LoRA file, 2 processes reported."""
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    assert accelerate, "accelerate's launcher is not installed next to this Python"
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+               "-m", "dallecli", "finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output",
+               str(tmp_path / "ddp"), "--steps", "3", "--batch-size", "2", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    assert (tmp_path / "ddp" / "lora.safetensors").exists()
+    assert done.stderr.count("6/6 images captioned") == 1  # only the main process reports
