@@ -70,3 +70,7 @@ class TrainingDivergedError(DalleError):
 
 class DatasetError(UsageError):
     """A training folder with no usable images, or with missing captions."""
+
+
+class DiskFullError(DalleError):
+    """The disk filled up while writing an image or a checkpoint; nothing half-written is left behind."""

@@ -6,6 +6,7 @@ Each PNG carries two text chunks: ``parameters`` in the AUTOMATIC1111 format (re
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -13,24 +14,30 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
-from dallecli.errors import UsageError
+from dallecli.errors import DiskFullError, UsageError
 
 MAX_NAME_BYTES = 100
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f]')
 _SEPARATORS = re.compile(r"[\s\-_.,;!'`~()\[\]{}@#$%^&+=]+")
 _NUMBERED = re.compile(r"^(\d{4,})-")
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, quota exceeded
 
 
 def slugify(text: str, max_bytes: int = 60) -> str:
     """A file-name-safe form of ``text``: NFC, lower case, letters and digits of any script joined by '-',
     cut at a character boundary to at most ``max_bytes`` UTF-8 bytes; "image" when nothing is left."""
-    text = unicodedata.normalize("NFC", text).lower()
+    text = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).lower())  # lower() can denormalize
     text = _UNSAFE.sub(" ", text)
     kept = "".join(ch if (ch.isalnum() or ch.isspace() or ch in "-_") else " " for ch in text)
     slug = _SEPARATORS.sub("-", kept).strip("-")
-    encoded = slug.encode("utf-8")[:max_bytes]
-    slug = encoded.decode("utf-8", errors="ignore").strip("-")
-    return slug or "image"
+    limit = max(0, max_bytes)
+    while True:  # cutting can split a base character from its marks: normalize again, then re-check the size
+        cut = slug.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+        cut = unicodedata.normalize("NFC", cut).strip("-")
+        if len(cut.encode("utf-8")) <= max(0, max_bytes):
+            break
+        limit -= 1
+    return cut or "image"
 
 
 def next_index(folder: Path) -> int:
@@ -97,24 +104,35 @@ def write_png(image, folder: Path, settings: dict, sampler: str, index: int | No
 
     Returns:
         The path written, directly inside ``folder``.
+
+    Raises:
+        DiskFullError: no space left (or quota exceeded); the temporary file is removed, nothing is left.
+        UsageError: no free file name in ``folder``.
     """
     from PIL.PngImagePlugin import PngInfo
 
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(settings, sampler))
     info.add_text("dalle", json.dumps(settings, ensure_ascii=False))
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+        tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
             handle.flush()
             os.fsync(handle.fileno())
         start = next_index(folder) if index is None else index
         return _atomic_link(tmp, folder, lambda i: image_name(i, settings["seed"], settings["prompt"]), start)
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise DiskFullError(f"the disk is full: could not write an image in {folder}; nothing was left "
+                                "half-written. Free some space or choose another --out folder") from exc
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def parse_a1111(text: str) -> dict:

@@ -10,7 +10,9 @@ from dallecli import __version__
 from dallecli.cli.download import download
 from dallecli.cli.finetune import finetune
 from dallecli.cli.batch import batch
+from dallecli.cli.doctor import doctor
 from dallecli.cli.generate import generate
+from dallecli.cli.info import info
 from dallecli.cli.models import models_app
 
 app = typer.Typer(
@@ -41,6 +43,8 @@ app.command("batch")(batch)
 app.command("download")(download)
 app.command("finetune")(finetune)
 app.add_typer(models_app, name="models")
+app.command("info")(info)
+app.command("doctor")(doctor)
 
 
 def main() -> None:

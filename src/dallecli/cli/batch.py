@@ -44,10 +44,11 @@ def batch(
     from dallecli.batch.prompts import read_prompt_file
     from dallecli.batch.run import BatchSummary, adopt_orphans, run_jobs
     from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
-    from dallecli.config import default_output_dir, env_default
+    from dallecli.config import default_output_dir, user_default
     from dallecli.engine.schedulers import validate_scheduler
     from dallecli.errors import DalleError, UsageError
 
+    scheduler = scheduler or user_default("scheduler")
     options = BatchOptions(n=num_images, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                            negative_prompt=negative_prompt or None, scheduler=scheduler, batch_size=batch_size)
     validate_options(options)  # before anything loads
@@ -74,7 +75,7 @@ def batch(
 
         if resolve_device("auto") == "cuda":  # one process per GPU under torchrun/accelerate
             device = f"cuda:{os.environ['LOCAL_RANK']}"
-    engine = Engine(model or env_default("model"), device or env_default("device"), dtype or env_default("dtype"))
+    engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"))
     folder = out or default_output_dir()
     from dallecli import __version__
 

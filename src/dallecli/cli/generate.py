@@ -38,7 +38,7 @@ def generate(
 ) -> None:
     """Generate images from a text prompt."""
     from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
-    from dallecli.config import default_output_dir, env_default
+    from dallecli.config import default_output_dir, user_default
     from dallecli.engine.request import GenerationRequest, validate_request
     from dallecli.engine.schedulers import a1111_sampler, validate_scheduler
     from dallecli.errors import UsageError
@@ -65,6 +65,7 @@ def generate(
         loras = tuple(parse_lora(text) for text in lora)
     else:
         loras = tuple(LoraSpec(e["path"], e.get("scale", 1.0)) for e in stored.get("loras") or [])
+    scheduler = scheduler or user_default("scheduler")
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
         guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
@@ -76,7 +77,7 @@ def generate(
 
     from dallecli.engine.generate import Engine
 
-    engine = Engine(model or env_default("model"), device or env_default("device"), dtype or env_default("dtype"))
+    engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"))
     planned, _ = engine.plan(request)
     written: list[dict] = []
     with step_progress(planned.num_images * planned.steps, "generating") as bar:

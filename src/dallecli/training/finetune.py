@@ -210,8 +210,14 @@ def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        from dallecli.errors import DiskFullError
+        from dallecli.training.checkpoint import is_disk_full
+
+        if is_disk_full(exc):
+            raise DiskFullError(f"the disk is full: could not write {path}; nothing was left half-written. "
+                                "Free some space, then re-run with --resume") from exc
         raise
 
 

@@ -1,0 +1,44 @@
+"""``dalle info``: the generation parameters stored in an image (ours or AUTOMATIC1111's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dallecli.cli.errors import handles_errors
+
+_ORDER = ("prompt", "negative_prompt", "model", "revision", "seed", "steps", "guidance_scale", "width", "height",
+          "scheduler", "sampler", "dtype", "loras", "version")
+
+
+@handles_errors
+def info(
+    image: Annotated[Path, typer.Argument(help="A PNG written by dalle, or by a tool that writes A1111 'parameters'.",
+                                          show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Show the generation parameters stored in an image."""
+    import json
+    import shlex
+
+    from dallecli.cli.console import out, out_json
+    from dallecli.images import read_metadata
+
+    settings = read_metadata(image)
+    if json_output:
+        out_json(settings)
+        return
+    source = settings.pop("source")
+    keys = [k for k in _ORDER if k in settings] + sorted(k for k in settings if k not in _ORDER)
+    width = max(len(k) for k in keys + ["source"])
+    out(f"{'source':<{width}}  {'dalle' if source == 'dalle' else 'AUTOMATIC1111 parameters'}")
+    for key in keys:
+        value = settings[key]
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        out(f"{key:<{width}}  {text}")
+    if source == "dalle":
+        out(f"{'rerun':<{width}}  dalle generate --from {shlex.quote(str(image))}")
