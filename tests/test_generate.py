@@ -130,3 +130,22 @@ def test_bad_requests_are_usage_errors(tiny_pipeline):
                 GenerationRequest("x", scheduler="heun2")):
         with pytest.raises(UsageError):
             list(engine.generate(bad))
+
+
+def test_out_of_memory_has_its_own_exit_code_and_says_what_to_lower_case_c12(tiny_pipeline, monkeypatch):
+    import torch
+
+    from dallecli.errors import OutOfMemoryError
+
+    engine = Engine(str(tiny_pipeline))
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(type(engine.pipe), "__call__", exhausted)
+    with pytest.raises(OutOfMemoryError) as info:
+        list(engine.generate(GenerationRequest("a cat", num_images=3, batch_size=3, seed=0, **SMALL)))
+    assert info.value.exit_code == 3
+    message = str(info.value)
+    assert "3 image(s) of 32x32" in message
+    assert "--batch-size" in message and "-n" in message and "size" in message

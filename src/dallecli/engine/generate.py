@@ -147,6 +147,73 @@ class Engine:
             pipe.scheduler = make_scheduler(name, self._base_scheduler_config)
         return scheduler_name(pipe.scheduler)
 
+    def prompt_warnings(self, request: GenerationRequest) -> tuple[PromptCheck, list[str]]:
+        """The truncation check of ``request.prompt`` and the warnings to show for the request (at most one
+        about truncation, one about a negative prompt that guidance <= 1 ignores)."""
+        check = self.check_prompt(request.prompt)
+        warnings = []
+        if check.truncated:
+            warnings.append(
+                f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, dropped: \"{check.dropped}\""
+            )
+        if request.negative_prompt and request.guidance_scale is not None and request.guidance_scale <= 1:
+            warnings.append(f"--negative-prompt has no effect with guidance {request.guidance_scale:g} "
+                            "(classifier-free guidance needs a scale above 1)")
+        return check, warnings
+
+    def _run_pass(self, prompts: list[str], seeds: list[int], request: GenerationRequest,
+                  on_step: StepCallback | None):
+        """One forward pass: (B, 3, H, W) float images in [0, 1] for ``prompts`` and their ``seeds``.
+
+        Raises:
+            NonFiniteOutputError: NaN/Inf in the decoded images.
+            OutOfMemoryError: the device ran out of memory.
+        """
+        import torch
+
+        callback = None
+        if on_step is not None:
+            def callback(_pipe, step_index, _timestep, kwargs):
+                on_step(step_index + 1, request.steps)
+                return kwargs
+
+        try:
+            with torch.inference_mode():
+                output = self.pipe(
+                    prompt=prompts,
+                    negative_prompt=[request.negative_prompt] * len(prompts) if request.negative_prompt else None,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.guidance_scale,
+                    width=request.width,
+                    height=request.height,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    output_type="pt",
+                    callback_on_step_end=callback,
+                )
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
+            raise
+        images = output.images  # (B, 3, H, W) in [0, 1]
+        if not torch.isfinite(images).all():
+            raise NonFiniteOutputError(
+                f"the decoded image contains NaN/Inf values (in {self.dtype} the VAE can overflow: this is "
+                "what turns into an all-black image); nothing was written. Use --dtype float32 "
+                "(or bfloat16), or an fp16-safe VAE"
+            )
+        return images
+
+    def _settings(self, prompt: str, seed: int, request: GenerationRequest, scheduler: str, loras: list[dict],
+                  check: PromptCheck) -> ImageSettings:
+        return ImageSettings(
+            prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, steps=request.steps,
+            guidance_scale=float(request.guidance_scale), width=request.width, height=request.height,
+            model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.dtype,
+            device=self.device, version=__version__, loras=loras, truncation=check.as_metadata(),
+        )
+
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GeneratedImage]:
         """Make the requested images, yielding each as soon as its batch is decoded.
 
@@ -164,67 +231,19 @@ class Engine:
             UsageError: invalid request (before anything loads).
             NonFiniteOutputError: the decoded image holds NaN/Inf; nothing of that batch is yielded.
             OutOfMemoryError: the device ran out of memory.
+            LoraError: a LoRA that cannot be applied or matches no layer.
         """
         request, seeds = self.plan(request)
-        import torch
-
-        pipe = self.pipe
         scheduler = self._use_scheduler(request.scheduler)
         loras = self._use_loras(request.loras)
-        check = self.check_prompt(request.prompt)
-        warnings = []
-        if check.truncated:
-            warnings.append(
-                f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, dropped: \"{check.dropped}\""
-            )
-        if request.negative_prompt and request.guidance_scale <= 1:
-            warnings.append(f"--negative-prompt has no effect with guidance {request.guidance_scale:g} "
-                            "(classifier-free guidance needs a scale above 1)")
+        check, warnings = self.prompt_warnings(request)
         batch_size = request.batch_size or min(request.num_images, 4)
-        callback = None
-        if on_step is not None:
-            def callback(_pipe, step_index, _timestep, kwargs):
-                on_step(step_index + 1, request.steps)
-                return kwargs
-
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(s) for s in chunk]
-            try:
-                with torch.inference_mode():
-                    output = pipe(
-                        prompt=[request.prompt] * len(chunk),
-                        negative_prompt=[request.negative_prompt] * len(chunk) if request.negative_prompt else None,
-                        num_inference_steps=request.steps,
-                        guidance_scale=request.guidance_scale,
-                        width=request.width,
-                        height=request.height,
-                        generator=generators,
-                        output_type="pt",
-                        callback_on_step_end=callback,
-                    )
-            except torch.OutOfMemoryError as exc:
-                raise OutOfMemoryError(out_of_memory_message(self.device, request, len(chunk))) from exc
-            except RuntimeError as exc:
-                if "out of memory" in str(exc).lower():
-                    raise OutOfMemoryError(out_of_memory_message(self.device, request, len(chunk))) from exc
-                raise
-            images = output.images  # (B, 3, H, W) in [0, 1]
-            if not torch.isfinite(images).all():
-                raise NonFiniteOutputError(
-                    f"the decoded image contains NaN/Inf values (in {self.dtype} the VAE can overflow: this is "
-                    "what turns into an all-black image); nothing was written. Use --dtype float32 "
-                    "(or bfloat16), or an fp16-safe VAE"
-                )
+            images = self._run_pass([request.prompt] * len(chunk), chunk, request, on_step)
             for offset, seed in enumerate(chunk):
-                settings = ImageSettings(
-                    prompt=request.prompt, negative_prompt=request.negative_prompt, seed=seed,
-                    steps=request.steps, guidance_scale=float(request.guidance_scale), width=request.width,
-                    height=request.height, model=self.model.name, model_revision=self.model.revision,
-                    scheduler=scheduler, dtype=self.dtype, device=self.device, version=__version__,
-                    loras=loras, truncation=check.as_metadata(),
-                )
                 index = start + offset
+                settings = self._settings(request.prompt, seed, request, scheduler, loras, check)
                 yield GeneratedImage(to_pil(images[offset]), settings, index, warnings if index == 0 else [])
 
     def generate_items(self, items: list[tuple[str, int]], request: GenerationRequest,
@@ -256,56 +275,17 @@ class Engine:
         validate_scheduler(request.scheduler)
         request = request.with_defaults(self.defaults())
         validate_request(request)
-        import torch
-
-        pipe = self.pipe
         scheduler = self._use_scheduler(request.scheduler)
         loras = self._use_loras(request.loras)
-        callback = None
-        if on_step is not None:
-            def callback(_pipe, step_index, _timestep, kwargs):
-                on_step(step_index + 1, request.steps)
-                return kwargs
-
         prompts, seeds = [p for p, _ in items], [s for _, s in items]
-        try:
-            with torch.inference_mode():
-                output = pipe(
-                    prompt=prompts,
-                    negative_prompt=[request.negative_prompt] * len(items) if request.negative_prompt else None,
-                    num_inference_steps=request.steps, guidance_scale=request.guidance_scale,
-                    width=request.width, height=request.height,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                    output_type="pt", callback_on_step_end=callback,
-                )
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemoryError(out_of_memory_message(self.device, request, len(items))) from exc
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
-                raise OutOfMemoryError(out_of_memory_message(self.device, request, len(items))) from exc
-            raise
-        images = output.images  # (B, 3, H, W) in [0, 1]
-        if not torch.isfinite(images).all():
-            raise NonFiniteOutputError(
-                f"the decoded image contains NaN/Inf values (in {self.dtype} the VAE can overflow: this is what "
-                "turns into an all-black image); nothing was written. Use --dtype float32 (or bfloat16), or an "
-                "fp16-safe VAE"
-            )
+        images = self._run_pass(prompts, seeds, request, on_step)
         results = []
         for index, (prompt, seed) in enumerate(items):
-            check = self.check_prompt(prompt)
-            warnings = []
-            if check.truncated:
-                warnings.append(f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, "
-                                f"dropped: \"{check.dropped}\"")
-            settings = ImageSettings(
-                prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, steps=request.steps,
-                guidance_scale=float(request.guidance_scale), width=request.width, height=request.height,
-                model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.dtype,
-                device=self.device, version=__version__, loras=loras, truncation=check.as_metadata(),
-            )
+            check, warnings = self.prompt_warnings(replace(request, prompt=prompt, negative_prompt=None))
+            settings = self._settings(prompt, seed, request, scheduler, loras, check)
             results.append(GeneratedImage(to_pil(images[index]), settings, index, warnings))
         return results
+
 
 def to_pil(image):
     """(3, H, W) float tensor in [0, 1] -> PIL RGB image (rounded like diffusers' ``numpy_to_pil``)."""
@@ -318,4 +298,4 @@ def to_pil(image):
 def out_of_memory_message(device: str, request: GenerationRequest, batch: int) -> str:
     """The one-line advice for an out-of-memory failure: what was asked for and what to lower."""
     return (f"out of memory on {device} making {batch} image(s) of {request.width}x{request.height} at once; "
-            "lower --batch-size or -n, the size, or use --low-memory / --dtype float16")
+            "lower --batch-size or -n, or the size (--width/--height), or use --dtype float16")

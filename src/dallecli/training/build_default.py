@@ -226,14 +226,33 @@ def main(argv: list[str] | None = None) -> None:
         "data_seed": args.seed, "images": args.images, "steps": result.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "autoencoder": vars(ae_config) if hasattr(ae_config, "__dict__") else str(ae_config),
         "trainer": result.settings, "final_loss": round(result.loss, 5),
-        "wall_time_s": round(time.time() - started, 1), "code_version": code_version(),
+        "wall_time_s": logged_wall_time(work / "log.txt"), "code_version": code_version(),
         "torch": torch.__version__, "held_out": sorted(" ".join(p) for p in shapes.HELD_OUT_PAIRS)
         + ["yellow on blue background"],
     }
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    # The full log (every stage, loss and steps/s, with times, across interruptions and resumes).
+    shutil.copyfile(work / "log.txt", staging / "training-log.txt")
     shutil.rmtree(args.out, ignore_errors=True)
     staging.rename(args.out)
     say(f"wrote {args.out} ({result.steps} steps, {time.time() - started:.0f} s)")
+
+
+def logged_wall_time(log: Path, max_gap_s: float = 900) -> float:
+    """Seconds of work recorded in a build log: the sum of gaps between consecutive timestamped lines,
+    leaving out gaps longer than ``max_gap_s`` (the build was stopped, then resumed)."""
+    stamps = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            h, m, sec = (int(x) for x in line[:8].split(":"))
+        except ValueError:
+            continue
+        stamps.append(h * 3600 + m * 60 + sec)
+    total = 0.0
+    for earlier, later in zip(stamps, stamps[1:]):
+        gap = (later - earlier) % 86400
+        total += gap if gap <= max_gap_s else 0
+    return total
 
 
 def sample_grid(pipe, prompts: list[str], seeds, steps: int = 20, guidance: float = 4.0):
