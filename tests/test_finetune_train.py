@@ -145,6 +145,20 @@ def test_nan_loss_stops_at_its_step_and_nothing_is_saved_after(tiny_pipeline, tm
     assert not (cli_out / "lora.safetensors").exists()
 
 
+def test_full_finetune_writes_a_loadable_pipeline(tiny_pipeline, tmp_path):
+    """--full (with bf16 autocast and a random crop): every UNet weight trains; the result is a pipeline folder."""
+    from dallecli.engine.generate import Engine
+    from dallecli.engine.request import GenerationRequest
+    from dallecli.training.finetune import finetune
+
+    result = finetune(_config(tiny_pipeline, tmp_path / "full", steps=2, full=True, mixed_precision="bf16",
+                              center_crop=False, flip=True))
+    assert result.lora is None and (result.model / "model_index.json").exists()
+    assert result.training_examples == 12  # six photos and their mirror images
+    image = next(Engine(str(result.model), "cpu", "float32").generate(GenerationRequest("a cat", seed=0, steps=2)))
+    assert image.image.size == (32, 32)
+
+
 def test_bad_options_fail_before_loading(tmp_path):
     result = run_dalle("finetune", str(PHOTOS), "--output", str(tmp_path / "o"), "--resolution", "30")
     assert result.returncode == 2 and "--resolution 30" in result.stderr

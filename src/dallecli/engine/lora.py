@@ -59,6 +59,23 @@ def _file_tensors(path: Path) -> int:
         return sum(1 for key in handle.keys() if not key.endswith(".alpha"))
 
 
+def _quiet_diffusers():
+    from contextlib import contextmanager
+
+    from diffusers.utils import logging as diffusers_logging
+
+    @contextmanager
+    def quiet():
+        previous = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+        try:
+            yield
+        finally:
+            diffusers_logging.set_verbosity(previous)
+
+    return quiet()
+
+
 def adapter_layers(pipe, adapter: str) -> tuple[int, int]:
     """``(layers, tensors)`` of ``adapter`` now present in the pipeline's UNet/transformer/text encoders."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -121,7 +138,8 @@ def apply_loras(pipe, loras: Sequence[LoraSpec]) -> list[dict]:
             verify_safetensors(path)
             adapter = f"{ADAPTER_PREFIX}{index}"
             try:
-                pipe.load_lora_weights(str(path), adapter_name=adapter)
+                with _quiet_diffusers():  # its "unsuccessful" log line would repeat our own message
+                    pipe.load_lora_weights(str(path), adapter_name=adapter)
             except (ValueError, KeyError, RuntimeError, IndexError) as exc:
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 if "not found in the base model" in message or "no lora" in message.lower():

@@ -262,6 +262,7 @@ def _encode(pipe, scan: FolderScan, config: FinetuneConfig, resolution: int, dev
     """Load every image once and encode it: returns (latents (N, C, h, w), ids (N, L), hidden (N, L, D) or None,
     empty ids (L,), empty hidden (L, D) or None, captions)."""
     import torch
+    from PIL import Image
 
     from dallecli.training.dataset import image_tensor, load_rgb, resize_and_crop
 
@@ -269,7 +270,7 @@ def _encode(pipe, scan: FolderScan, config: FinetuneConfig, resolution: int, dev
     pixels, captions = [], []
     for example in scan.examples:
         image = resize_and_crop(load_rgb(example.path), resolution, config.center_crop, rng)
-        variants = [image] + ([image.transpose(0)] if config.flip else [])  # 0 = FLIP_LEFT_RIGHT
+        variants = [image] + ([image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)] if config.flip else [])
         for variant in variants:
             pixels.append(image_tensor(variant))  # (3, H, W) in [-1, 1]
             captions.append(example.caption or "")
