@@ -42,7 +42,7 @@ def test_red_prompt_gives_a_red_circle_with_metadata():
         centre = pixels[24:40, 24:40].reshape(-1, 3).mean(axis=0)
         assert centre[0] > 150 and centre[1] < 100 and centre[2] < 100  # mostly red in the middle
     settings = results[0].settings
-    assert (settings.model, settings.steps, settings.width, settings.seed) == ("shapes", 20, 64, 0)
+    assert (settings.model, settings.steps, settings.width, settings.seed) == ("shapes", 12, 64, 0)
 
 
 def test_unknown_words_do_not_crash():

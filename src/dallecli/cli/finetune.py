@@ -1,4 +1,4 @@
-"""``dalle finetune``: train a LoRA (or the whole UNet) on a folder of images; see docs/finetune.md."""
+"""``dalle finetune``: train a LoRA (or the whole UNet) on a folder of images; see the README."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ class ModelSpec:
 
 
 REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in (
-    ModelSpec(EMBEDDED, None, "stable-diffusion", steps=20, guidance=4.0, width=64, height=64, dtype="float32",
+    ModelSpec(EMBEDDED, None, "stable-diffusion", steps=12, guidance=4.0, width=64, height=64, dtype="float32",
               licence="Apache-2.0", size_gb=0.02,
               note="embedded: flat coloured shapes, trained by this project; works offline"),
     ModelSpec("sd-turbo", "stabilityai/sd-turbo", "stable-diffusion", steps=1, guidance=0.0, width=512,

@@ -21,6 +21,7 @@ import json
 import random
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("build/shapes-work"), help="cache and checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=40_000)
-    parser.add_argument("--steps", type=int, default=9_000)
+    parser.add_argument("--steps", type=int, default=7_000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=6e-4)
     parser.add_argument("--save-every", type=int, default=500)
@@ -222,10 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging, safe_serialization=True)
     record = {
-        "command": "python -m dallecli.training.build_default " + " ".join(argv or []),
+        "command": "python -m dallecli.training.build_default " + " ".join(sys.argv[1:] if argv is None else argv),
         "data_seed": args.seed, "images": args.images, "steps": result.steps, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "autoencoder": vars(ae_config) if hasattr(ae_config, "__dict__") else str(ae_config),
-        "trainer": result.settings, "final_loss": round(result.loss, 5),
+        "trainer": result.settings, "final_loss": last_logged_loss(work / "log.txt"),
         "wall_time_s": logged_wall_time(work / "log.txt"), "code_version": code_version(),
         "torch": torch.__version__, "held_out": sorted(" ".join(p) for p in shapes.HELD_OUT_PAIRS)
         + ["yellow on blue background"],
@@ -236,6 +237,16 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     staging.rename(args.out)
     say(f"wrote {args.out} ({result.steps} steps, {time.time() - started:.0f} s)")
+
+
+def last_logged_loss(log: Path) -> float | None:
+    """The smoothed loss of the last ``step N/M loss X`` line of a build log, or None."""
+    found = None
+    for line in log.read_text(encoding="utf-8").splitlines():
+        words = line.split()
+        if len(words) > 4 and words[1] == "step" and words[3] == "loss":
+            found = float(words[4])
+    return found
 
 
 def logged_wall_time(log: Path, max_gap_s: float = 900) -> float:
