@@ -140,6 +140,11 @@ class DenoiserTrainer:
         self.data = data
         self.noise_scheduler = noise_scheduler
         self.checkpoint_dir = checkpoint_dir
+        from accelerate.state import AcceleratorState
+
+        # accelerate keeps mixed precision in a process-wide singleton; each run sets its own, so clear it
+        # (the process group, in PartialState, is kept) so that a second run in one process can differ.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             mixed_precision=settings.mixed_precision,
             gradient_accumulation_steps=settings.gradient_accumulation,
