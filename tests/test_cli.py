@@ -42,7 +42,9 @@ def test_unknown_model_and_device_are_one_line_errors(tiny_pipeline):
 
 def test_json_output_and_from_round_trip(tiny_pipeline, tmp_path):
     out = tmp_path / "out"
-    done = run_dalle("generate", "a red cat", "-n", "2", "--seed", "9", "--steps", "2", "--model", str(tiny_pipeline),
+    # batch size 1 on both sides: a batch of 2 may differ from a single image by float summation order
+    done = run_dalle("generate", "a red cat", "-n", "2", "--batch-size", "1", "--seed", "9", "--steps", "2",
+                     "--model", str(tiny_pipeline),
                      "--out", str(out), "--json", "--negative-prompt", "blue", "--guidance", "3")
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
@@ -66,7 +68,7 @@ def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file_case_c17(tiny_p
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
     )
     deadline = time.time() + 240
-    while time.time() < deadline and len(list(out.glob("*.png"))) < 1:
+    while time.time() < deadline and not [p for p in out.glob("*.png") if not p.name.startswith(".")]:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
@@ -80,3 +82,11 @@ def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file_case_c17(tiny_p
         assert Image.open(path).size == (32, 32)  # complete, readable images
     rerun = run_dalle("generate", "a cat", "--seed", "1", "--steps", "4", "--model", str(tiny_pipeline), "--out", str(out))
     assert rerun.returncode == 0 and len(list(out.iterdir())) == len(kept) + 1
+
+
+def test_output_path_that_is_a_file_exits_2_before_loading(tmp_path):
+    afile = tmp_path / "p.txt"
+    afile.write_text("x")
+    done = run_dalle("generate", "x", "--out", str(afile), "--model", str(tmp_path / "no-such-model"))
+    assert done.returncode == 2 and "is a file" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and afile.read_text() == "x"

@@ -149,3 +149,14 @@ def test_out_of_memory_has_its_own_exit_code_and_says_what_to_lower_case_c12(tin
     message = str(info.value)
     assert "3 image(s) of 32x32" in message
     assert "--batch-size" in message and "-n" in message and "size" in message
+
+
+def test_karras_spacing_is_refused_on_a_zero_terminal_snr_schedule():
+    from dallecli.store.resolve import embedded_model_path
+    import json
+
+    config = json.loads((embedded_model_path() / "scheduler" / "scheduler_config.json").read_text())
+    assert config["rescale_betas_zero_snr"] is True
+    with pytest.raises(UsageError, match="use dpm\\+\\+"):
+        make_scheduler("dpm++-karras", config)
+    make_scheduler("dpm++", config)  # the plain spacing works

@@ -83,3 +83,26 @@ def test_parse_a1111_from_other_tools():
 def test_image_name_budget():
     name = image_name(12345, 4294967295, "x" * 500)
     assert len(name.encode()) <= MAX_NAME_BYTES and name.startswith("12345-4294967295-")
+
+
+def test_written_files_get_the_umask_mode_not_0600(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = write_png(Image.new("RGB", (8, 8)), tmp_path / "out", settings(), "Euler")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_output_folder_that_is_a_file_is_a_usage_error(tmp_path):
+    from dallecli.errors import UsageError
+    from dallecli.images import prepare_output_folder
+
+    afile = tmp_path / "p.txt"
+    afile.write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        prepare_output_folder(afile)
+    with pytest.raises(UsageError, match="is a file"):
+        prepare_output_folder(afile / "sub")
+    assert prepare_output_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()  # nothing is created before a model loads

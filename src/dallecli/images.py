@@ -23,6 +23,32 @@ _NUMBERED = re.compile(r"^(\d{4,})-")
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, quota exceeded
 
 
+def default_mode(path: Path, directory: bool = False) -> None:
+    """Give a file made by ``tempfile`` (mode 0600/0700) the mode a plain ``open`` would: 0666/0777 less the
+    umask, so images and models are readable as users expect."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
+def prepare_output_folder(folder: Path, option: str = "--out") -> Path:
+    """Check, before any model loads, that ``folder`` is or can become a writable folder (nothing is created).
+
+    Raises:
+        UsageError: it is a file, or its nearest existing parent is a file or not writable.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {folder} is a file, not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {folder} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {folder} is not writable")
+    return folder
+
+
 def slugify(text: str, max_bytes: int = 60) -> str:
     """A file-name-safe form of ``text``: NFC, lower case, letters and digits of any script joined by '-',
     cut at a character boundary to at most ``max_bytes`` UTF-8 bytes; "image" when nothing is left."""
@@ -119,6 +145,7 @@ def write_png(image, folder: Path, settings: dict, sampler: str, index: int | No
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
         tmp = Path(tmp_name)
+        default_mode(tmp)
         with os.fdopen(fd, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
             handle.flush()

@@ -47,6 +47,9 @@ def contact_sheet(paths: list[Path], out: Path, *, cell: int = 256, max_side: in
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
     out = Path(out)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out.parent)
+    from dallecli.images import default_mode
+
+    default_mode(Path(tmp))
     try:
         with os.fdopen(fd, "wb") as handle:
             sheet.save(handle, format="PNG")

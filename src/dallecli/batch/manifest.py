@@ -52,6 +52,9 @@ def start_run(folder: Path, base_seed: int, header: dict | None = None) -> int:
                   **(header or {})})
     if not path.exists():
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-manifest-", dir=folder)
+        from dallecli.images import default_mode
+
+        default_mode(Path(tmp_name))
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(line)

@@ -45,6 +45,7 @@ def batch(
     from dallecli.batch.run import BatchSummary, adopt_orphans, run_jobs
     from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
     from dallecli.config import default_output_dir, user_default
+    from dallecli.images import prepare_output_folder
     from dallecli.engine.schedulers import validate_scheduler
     from dallecli.errors import DalleError, UsageError
 
@@ -76,7 +77,7 @@ def batch(
         if resolve_device("auto") == "cuda":  # one process per GPU under torchrun/accelerate
             device = f"cuda:{os.environ['LOCAL_RANK']}"
     engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"))
-    folder = out or default_output_dir()
+    folder = prepare_output_folder(out or default_output_dir())
     from dallecli import __version__
 
     recorded = start_run(folder, random_seed() if seed is None else seed, {"source": str(file), "version": __version__})

@@ -39,6 +39,7 @@ def generate(
     """Generate images from a text prompt."""
     from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
     from dallecli.config import default_output_dir, user_default
+    from dallecli.images import prepare_output_folder
     from dallecli.engine.request import GenerationRequest, validate_request
     from dallecli.engine.schedulers import a1111_sampler, validate_scheduler
     from dallecli.errors import UsageError
@@ -73,7 +74,7 @@ def generate(
     )
     validate_request(request)  # before any model loads
     validate_scheduler(scheduler)
-    folder = out or default_output_dir()
+    folder = prepare_output_folder(out or default_output_dir())
 
     from dallecli.engine.generate import Engine
 

@@ -50,7 +50,10 @@ def make_scheduler(name: str, base_config):
     validate_scheduler(name)
     if base_config.get("_class_name") in FLOW_MATCHING:
         raise UsageError(f"--scheduler {name} does not fit this flow-matching model; leave --scheduler out")
+    class_name, overrides, _ = SCHEDULERS[name]
+    if overrides.get("use_karras_sigmas") and base_config.get("rescale_betas_zero_snr"):
+        # Karras spacing needs a finite largest sigma; a zero-terminal-SNR schedule has an infinite one
+        raise UsageError(f"--scheduler {name} does not fit this model's zero-terminal-SNR schedule; use dpm++")
     import diffusers
 
-    class_name, overrides, _ = SCHEDULERS[name]
     return getattr(diffusers, class_name).from_config(base_config, **overrides)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dallecli.images import default_mode
 from dallecli.errors import CheckpointError, DiskFullError
 
 PREFIX = "step-"
@@ -83,6 +84,7 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int = 2)
     try:
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        default_mode(staging, directory=True)
         save_file(tensors, staging / "state.safetensors")
         (staging / "state.json").write_text(json.dumps({"step": step, "state": meta}), encoding="utf-8")
         if final.exists():

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dallecli.images import default_mode
 from dallecli import __version__
 from dallecli.errors import DatasetError, LoraError, UsageError
 from dallecli.training.dataset import FolderScan, check_captions, scan_folder
@@ -207,6 +208,7 @@ def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
+    default_mode(Path(tmp))
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -223,6 +225,7 @@ def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]
 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    default_mode(Path(tmp))
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)
