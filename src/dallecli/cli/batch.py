@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
+from dallecli.cli.options import Device, Dtype, Guidance, Height, Model, NegativePrompt, Scheduler, Steps, Width
 
 MAX_LISTED = 20  # malformed rows listed before "and N more"
 
@@ -21,17 +22,17 @@ def batch(
     file: Annotated[Path, typer.Argument(help="Prompt file: .txt (one prompt a line), .csv/.tsv (a 'prompt' column) or .jsonl.", show_default=False)],
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Images per prompt (a row's 'n' overrides).")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="Base seed: image i of row r gets seed + 1000*r + i. Random if omitted (kept in the manifest).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="num_inference_steps (default: the model's).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale; 0 turns classifier-free guidance off.")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Width in pixels, a multiple of 8.")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Height in pixels, a multiple of 8.")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from (needs guidance > 1).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Registry alias, org/name repo id or local folder (default: embedded).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, dpm++-karras, ddim, ddpm, unipc (default: the model's).")] = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    width: Width = None,
+    height: Height = None,
+    negative_prompt: NegativePrompt = None,
+    model: Model = None,
+    scheduler: Scheduler = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder for the images and manifest.jsonl (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass, across prompts with the same settings; seeds do not depend on it.")] = 4,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of the paths.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip malformed rows instead of stopping before generating.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Make every image again, replacing the ones already finished.")] = False,

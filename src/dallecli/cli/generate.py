@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
+from dallecli.cli.options import Device, Dtype, Guidance, Height, Model, NegativePrompt, Scheduler, Steps, Width
 
 
 def _from_image(path: Path) -> dict:
@@ -21,17 +22,17 @@ def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="num_inference_steps (default: the model's).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale; 0 turns classifier-free guidance off.")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Width in pixels, a multiple of 8.")] = None,
-    height: Annotated[Optional[int], typer.Option(help="Height in pixels, a multiple of 8.")] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option(help="What to steer away from (needs guidance > 1).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Registry alias, org/name repo id or local folder (default: embedded).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, dpm++-karras, ddim, ddpm, unipc (default: the model's).")] = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    width: Width = None,
+    height: Height = None,
+    negative_prompt: NegativePrompt = None,
+    model: Model = None,
+    scheduler: Scheduler = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; never changes the pixels.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file to apply, PATH[:SCALE] (scale 1 by default); repeatable.")] = None,

@@ -1,0 +1,17 @@
+"""Generation options shared by ``dalle generate`` and ``dalle batch`` (one declaration, one help text)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Steps = Annotated[Optional[int], typer.Option(help="num_inference_steps (default: the model's).")]
+Guidance = Annotated[Optional[float], typer.Option(help="Guidance scale; 0 turns classifier-free guidance off.")]
+Width = Annotated[Optional[int], typer.Option(help="Width in pixels, a multiple of 8.")]
+Height = Annotated[Optional[int], typer.Option(help="Height in pixels, a multiple of 8.")]
+NegativePrompt = Annotated[Optional[str], typer.Option(help="What to steer away from (needs guidance > 1).")]
+Model = Annotated[Optional[str], typer.Option(help="Registry alias, org/name repo id or local folder (default: embedded).")]
+Scheduler = Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, dpm++-karras, ddim, ddpm, unipc (default: the model's).")]
+Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")]
