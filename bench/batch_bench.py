@@ -1,12 +1,15 @@
 """`dalle batch` throughput against a bare loop calling the same diffusers pipeline on the same prompts.
 
-    python -m bench.batch_bench [--prompts 128] [--batch-sizes 1,8,16] [--repeats 2]
+    python -m bench.batch_bench [--prompts 96] [--batch-sizes 1,4,16] [--repeats 3]
 
 Both arms run the embedded model on the first N prompts of PartiPrompts with the same settings (12 steps,
-guidance 4, 64x64), each in its own process; loading is not timed. Ours is the real command (`dalle batch
---json`, whose summary reports the generation seconds apart from loading) writing PNGs and its manifest; the
-baseline only calls `pipe(prompts[i:i+B], generator=...)` and keeps the images in memory. Ratio =
-ours images/s ÷ bare loop images/s (higher is better; target ≥ 0.95).
+guidance 4, 64x64), each in its own process, alternately (A B A B ...); loading is not timed. Ours is the
+real command (`dalle batch --json`, whose summary reports the generation seconds apart from loading)
+writing PNGs and its manifest; the baseline only calls `pipe(prompts[i:i+B], generator=...)` and keeps the
+images in memory. Columns (medians): images/s of each arm, what `--batch-size` buys (images/s against the
+first batch size), ratio = ours ÷ bare loop (higher is better; target ≥ 0.95) with its range over the
+repeats, and the CPU the rest of the machine used meanwhile (cores; above ~0.1 the timings are not
+comparable: run again on a quiet machine).
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.common import machine
@@ -34,15 +41,45 @@ for i in range(0, len(prompts), batch):
     chunk = prompts[i:i + batch]
     pipe(chunk, num_inference_steps=12, guidance_scale=4.0, height=64, width=64,
          generator=[torch.Generator().manual_seed(i + k) for k in range(len(chunk))])
-print(json.dumps({"seconds": time.perf_counter() - started}))
+print(json.dumps({"seconds": time.perf_counter() - started, "images": len(prompts)}))
 """
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux ``/proc/stat``; None elsewhere)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_run(args: list[str]) -> tuple[dict, float | None]:
+    """Run a child that prints a JSON document with ``seconds`` and ``images`` last on stdout.
+
+    Returns:
+        (that document, the CPU the rest of the machine used meanwhile in cores, or None if unknown).
+    """
+    busy, child, started = _busy_seconds(), _children_cpu(), time.perf_counter()
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - started
+    after = _busy_seconds()
+    other = None if busy is None or after is None else max(0.0, (after - busy - (_children_cpu() - child)) / wall)
+    return json.loads(done.stdout[done.stdout.rfind("\n{") + 1:]), other  # the last document that starts a line
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=128)
-    parser.add_argument("--batch-sizes", default="1,8,16")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=96)
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     from dallecli.store.resolve import embedded_model_path
 
@@ -53,21 +90,30 @@ def main(argv: list[str] | None = None) -> None:
     prompt_file = work / "prompts.txt"
     prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     model = str(embedded_model_path())
-    print(f"Machine: {machine()}; {len(prompts)} PartiPrompts, embedded model, 12 steps, 64x64")
-    print("| --batch-size | dalle batch images/s | bare loop images/s | ratio |\n|---|---|---|---|")
+    print(f"Machine: {machine()}; {len(prompts)} PartiPrompts, embedded model, 12 steps, 64x64, "
+          f"median of {args.repeats} A B runs")
+    print("| --batch-size | dalle batch images/s | × first size | bare loop images/s | × first size "
+          "| ratio (range) | other load (cores) |\n|---|---|---|---|---|---|---|")
+    first = None
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        ours, bare = [], []
+        ours, bare, others = [], [], []
         for repeat in range(args.repeats):  # A B A B
-            out = work / f"out-{batch}-{repeat}"
-            done = subprocess.run([sys.executable, "-m", "dallecli", "batch", str(prompt_file), "--out", str(out),
-                                   "--batch-size", str(batch), "--seed", "0", "--json"],
-                                  capture_output=True, text=True, check=True)
-            ours.append(len(prompts) / json.loads(done.stdout)["seconds"])
-            done = subprocess.run([sys.executable, "-c", BARE_LOOP, model, str(prompt_file), str(batch)],
-                                  capture_output=True, text=True, check=True)
-            bare.append(len(prompts) / json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
-        a, b = sorted(ours)[len(ours) // 2], sorted(bare)[len(bare) // 2]
-        print(f"| {batch} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+            summary, other = timed_run([sys.executable, "-m", "dallecli", "batch", str(prompt_file), "--out",
+                                        str(work / f"out-{batch}-{repeat}"), "--batch-size", str(batch),
+                                        "--seed", "0", "--json"])
+            if summary["images"] != len(prompts):  # both arms must make the same images
+                raise SystemExit(f"dalle batch made {summary['images']} images, not {len(prompts)}")
+            ours.append(summary["images"] / summary["seconds"])
+            others.append(other)
+            result, other = timed_run([sys.executable, "-c", BARE_LOOP, model, str(prompt_file), str(batch)])
+            bare.append(result["images"] / result["seconds"])
+            others.append(other)
+        a, b = statistics.median(ours), statistics.median(bare)
+        first = first or (a, b)
+        ratios = [x / y for x, y in zip(ours, bare)]
+        load = "?" if None in others else f"{max(others):.2f}"
+        print(f"| {batch} | {a:.2f} | {a / first[0]:.2f}x | {b:.2f} | {b / first[1]:.2f}x "
+              f"| {a / b:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | {load} |", flush=True)
 
 
 if __name__ == "__main__":
