@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import Device, Dtype, Guidance, Height, Model, NegativePrompt, Scheduler, Steps, Width
+from dallecli.cli.options import Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Scheduler, Steps, Vae, Width
 
 MAX_LISTED = 20  # malformed rows listed before "and N more"
 
@@ -33,6 +33,8 @@ def batch(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass, across prompts with the same settings; seeds do not depend on it.")] = 4,
     device: Device = None,
     dtype: Dtype = None,
+    vae: Vae = None,
+    low_memory: LowMemory = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of the paths.")] = False,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip malformed rows instead of stopping before generating.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Make every image again, replacing the ones already finished.")] = False,
@@ -77,7 +79,8 @@ def batch(
 
         if resolve_device("auto") == "cuda":  # one process per GPU under torchrun/accelerate
             device = f"cuda:{os.environ['LOCAL_RANK']}"
-    engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"))
+    engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
+                    vae=vae, low_memory=low_memory)
     folder = prepare_output_folder(out or default_output_dir())
     from dallecli import __version__
 
@@ -102,6 +105,10 @@ def batch(
     made, failed, warned = 0, 0, set()
     load_started = time.perf_counter()
     if batches:
+        from dallecli.cli.generate import report_memory_choice
+
+        first = batches[0][0].settings
+        report_memory_choice(engine.memory(first.width, first.height, len(batches[0]), first.guidance_scale > 1))
         engine.pipe  # load once, outside the timed generation  # noqa: B018
     load_seconds = time.perf_counter() - load_started
     started = time.perf_counter()

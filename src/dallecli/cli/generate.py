@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import Device, Dtype, Guidance, Height, Model, NegativePrompt, Scheduler, Steps, Width
+from dallecli.cli.options import Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Scheduler, Steps, Vae, Width
+
+
+def report_memory_choice(choice) -> None:
+    """Say on stderr when the engine turned low-memory mode on by itself."""
+    if choice.automatic and choice.low_memory:
+        from dallecli.cli.console import info
+
+        info(f"low memory ({choice.reason}): using --low-memory ({', '.join(choice.techniques)}); "
+             "pass --no-low-memory to turn it off")
 
 
 def _from_image(path: Path) -> dict:
@@ -33,6 +42,8 @@ def generate(
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; never changes the pixels.")] = None,
     device: Device = None,
     dtype: Dtype = None,
+    vae: Vae = None,
+    low_memory: LowMemory = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file to apply, PATH[:SCALE] (scale 1 by default); repeatable.")] = None,
@@ -58,6 +69,7 @@ def generate(
         scheduler = scheduler if scheduler is not None else stored.get("scheduler")
         model = model if model is not None else stored.get("model")
         dtype = dtype if dtype is not None else stored.get("dtype")
+        vae = vae if vae is not None else stored.get("vae")
     if prompt is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
     from dallecli.engine.lora import parse_lora
@@ -79,8 +91,11 @@ def generate(
 
     from dallecli.engine.generate import Engine
 
-    engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"))
+    engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
+                    vae=vae, low_memory=low_memory)
     planned, _ = engine.plan(request)
+    report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size or 4, planned.num_images),
+                                       planned.guidance_scale > 1))
     written: list[dict] = []
     with step_progress(planned.num_images * planned.steps, "generating") as bar:
         try:

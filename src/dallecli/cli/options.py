@@ -15,3 +15,5 @@ Model = Annotated[Optional[str], typer.Option(help="Registry alias, org/name rep
 Scheduler = Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, dpm++-karras, ddim, ddpm, unipc (default: the model's).")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")]
+Vae = Annotated[Optional[str], typer.Option(help="Decoder: full (the model's), tiny (fast previews; `dalle download taesd`), or a VAE alias/repo/folder.")]
+LowMemory = Annotated[Optional[bool], typer.Option("--low-memory/--no-low-memory", help="Attention slicing, VAE tiling for big images, CPU offload on CUDA (default: on when free memory is short).", show_default=False)]

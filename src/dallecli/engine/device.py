@@ -1,7 +1,8 @@
 """Device and dtype policy.
 
 :func:`choose_dtype` is a pure function of the device and what the hardware supports, so that it can be
-tested for every device on any machine; :func:`resolve_device` asks torch what exists.
+tested for every device on any machine; :func:`resolve_device` asks torch what exists and
+:func:`cpu_bf16_kind` reads the CPU's instruction-set flags.
 """
 
 from __future__ import annotations
@@ -35,17 +36,34 @@ def normalize_dtype(requested: str | None) -> str:
     return name
 
 
-def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool = False) -> DtypeChoice:
+# CPU bfloat16 support, as :func:`cpu_bf16_kind` reports it: "native" (AVX-512-BF16 or AMX-BF16 instructions),
+# "avx512" (no bf16 instructions, but oneDNN runs bf16 matmuls/convolutions with AVX-512 conversions: half the
+# memory traffic, fp32 arithmetic), or None (AVX2 or less: bf16 is emulated slowly, keep float32).
+CPU_BF16_KINDS = ("native", "avx512", None)
+# Below this many weight bytes (float32), bfloat16 on the CPU is not worth it: bf16 wins by halving the memory
+# traffic of large weights and activations (SD 1.5 on this project's AVX-512 CPU: UNet step 5.3 s -> 3.0 s, 512x512
+# VAE decode 16 s -> 8.2 s), while a small model such as the embedded 20 MB one is bound by per-op overhead and
+# gains nothing from it. `python -m bench.suite --only embedded` measures both dtypes on the embedded model.
+CPU_BF16_MIN_WEIGHT_BYTES = 200 * 1024**2
+
+
+def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool = False,
+                 cpu_bf16: str | None = None, weight_bytes: int | None = None) -> DtypeChoice:
     """Pick the compute dtype for ``device``.
 
     Policy: an explicit request wins; CUDA gets bfloat16 where the GPU supports it (no fp16 overflow to
     NaN), else float16; MPS gets float32 (half precision on MPS produces NaN/black images with many models);
-    CPU gets float32.
+    CPU gets bfloat16 where oneDNN has bf16 kernels for it (``cpu_bf16`` "native" or "avx512") and the model
+    is large enough to gain (``weight_bytes`` >= :data:`CPU_BF16_MIN_WEIGHT_BYTES`, or unknown), else float32.
+    bfloat16 keeps float32's exponent range, so it cannot overflow to NaN the way float16 does; its quality
+    (PSNR against float32 with the same seed) is checked in the benchmarks (:func:`bf16_quality_holds`).
 
     Args:
         device: a torch device string ("cpu", "cuda", "cuda:1", "mps").
         requested: "auto"/None or a dtype name (aliases such as "fp16" accepted).
         cuda_bf16: whether the CUDA device supports bfloat16 (compute capability 8.0+).
+        cpu_bf16: the CPU's bfloat16 support, one of :data:`CPU_BF16_KINDS`.
+        weight_bytes: the model's weights in float32, bytes (None: unknown, treated as large).
 
     Raises:
         UsageError: an unknown dtype name.
@@ -60,7 +78,71 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
         return DtypeChoice("float16", "CUDA GPU without bfloat16 support")
     if kind == "mps":
         return DtypeChoice("float32", "MPS: half precision is unreliable there")
-    return DtypeChoice("float32", "CPU")
+    if cpu_bf16 is None:
+        return DtypeChoice("float32", "CPU without AVX-512 or bfloat16 instructions")
+    what = "with bfloat16 instructions" if cpu_bf16 == "native" else "with AVX-512 (oneDNN bfloat16 kernels)"
+    if weight_bytes is not None and weight_bytes < CPU_BF16_MIN_WEIGHT_BYTES:
+        return DtypeChoice("float32", f"CPU {what}, but the model is small "
+                                      f"({weight_bytes / 1024**2:.0f} MiB): float32 is faster there")
+    return DtypeChoice("bfloat16", f"CPU {what}")
+
+
+BF16_MIN_PSNR_DB = 30.0
+
+
+def bf16_quality_holds(psnr_db: float, has_nan: bool, *, minimum_db: float = BF16_MIN_PSNR_DB) -> bool:
+    """The quality rule for making bfloat16 the automatic CPU dtype: the bf16 image against the float32 one
+    (same seed) has a PSNR of at least ``minimum_db`` dB and holds no NaN."""
+    return not has_nan and psnr_db == psnr_db and psnr_db >= minimum_db
+
+
+def psnr_db(reference, test) -> float:
+    """Peak signal-to-noise ratio of ``test`` against ``reference``, dB: arrays (or tensors) of the same
+    shape with values in [0, 1]. Identical images give ``inf``; NaN anywhere gives NaN."""
+    import numpy as np
+
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(test, dtype=np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    if mse == 0:
+        return float("inf")
+    return 10 * float(np.log10(1.0 / mse))
+
+
+def bf16_kind_from_flags(flags: set[str] | frozenset[str]) -> str | None:
+    """Classify CPU flags (as in ``/proc/cpuinfo``) into one of :data:`CPU_BF16_KINDS`."""
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return "native"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        return "avx512"
+    return None
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags of the first CPU in ``cpuinfo`` (empty when it cannot be read: not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_bf16_kind() -> str | None:
+    """This CPU's bfloat16 support (:data:`CPU_BF16_KINDS`): /proc/cpuinfo flags, else torch's own probes."""
+    flags = cpu_flags()
+    if flags:
+        return bf16_kind_from_flags(flags)
+    try:
+        import torch
+
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return "native"
+        return "avx512" if torch.cpu._is_avx512_supported() else None
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        return None
 
 
 def pick_device(requested: str | None, *, cuda: bool, mps: bool, cuda_count: int = 1) -> str:
@@ -92,9 +174,45 @@ def resolve_device(requested: str | None = None) -> str:
     return pick_device(requested, cuda=cuda, mps=mps, cuda_count=torch.cuda.device_count() if cuda else 0)
 
 
-def resolve_dtype(device: str, requested: str | None = None) -> DtypeChoice:
-    """:func:`choose_dtype` with the hardware facts filled in from torch."""
+def resolve_dtype(device: str, requested: str | None = None, weight_bytes: int | None = None) -> DtypeChoice:
+    """:func:`choose_dtype` with the hardware facts filled in from torch and the CPU flags.
+
+    Args:
+        weight_bytes: the model's float32 weight bytes, when known (see :func:`float32_weight_bytes`).
+    """
     import torch
 
     cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    return choose_dtype(device, requested, cuda_bf16=cuda_bf16)
+    cpu_bf16 = cpu_bf16_kind() if device == "cpu" else None
+    return choose_dtype(device, requested, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16, weight_bytes=weight_bytes)
+
+
+def float32_weight_bytes(folder) -> int | None:
+    """Bytes the weights of a pipeline folder take in float32, from the safetensors headers (no tensor is
+    read): elements x 4 over every tensor of every component, one variant per component. None when the
+    folder has no readable safetensors."""
+    import json
+    import re
+    import struct
+    from math import prod
+    from pathlib import Path
+
+    groups: dict[str, dict[str, list[Path]]] = {}
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        parts = path.relative_to(folder).parts
+        if len(parts) != 2:  # root single-file checkpoints are not loaded
+            continue
+        pieces = path.name.split(".")
+        variant = re.sub(r"-\d{5}-of-\d{5}$", "", pieces[-2]) if len(pieces) > 2 else ""
+        groups.setdefault(parts[0], {}).setdefault(variant, []).append(path)
+    total = 0
+    for variants in groups.values():
+        for path in variants.get("", next(iter(variants.values()))):
+            try:
+                with open(path, "rb") as handle:
+                    (length,) = struct.unpack("<Q", handle.read(8))
+                    header = json.loads(handle.read(length))
+            except (OSError, ValueError, struct.error):
+                return None
+            total += sum(4 * prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total or None

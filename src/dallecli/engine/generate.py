@@ -8,13 +8,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dallecli import __version__
-from dallecli.engine.device import resolve_device, resolve_dtype
-from dallecli.engine.loading import default_size, load_pipeline, pipeline_class_name
+from dallecli.engine.device import float32_weight_bytes, normalize_dtype, resolve_device, resolve_dtype
+from dallecli.engine.loading import default_size, load_pipeline, load_vae, pipeline_class_name, with_vae
+from dallecli.engine.memory import MemoryChoice, apply_memory_mode, available_bytes, choose_low_memory, estimate_bytes
 from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, validate_request
 from dallecli.engine.schedulers import make_scheduler, scheduler_name, validate_scheduler
 from dallecli.errors import NonFiniteOutputError, OutOfMemoryError, UsageError
-from dallecli.store.registry import defaults_for
-from dallecli.store.resolve import ResolvedModel, resolve_model
+from dallecli.store.registry import PIPELINE_FAMILIES, defaults_for, tiny_decoder_for
+from dallecli.store.resolve import ResolvedModel, resolve_model, resolve_vae
 
 StepCallback = Callable[[int, int], None]  # (steps done in this batch, steps per batch)
 
@@ -59,20 +60,53 @@ class Engine:
     Args:
         model: alias, ``org/name`` repo id, local folder, or None for the embedded model.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps" (None = auto).
-        dtype: "auto", "float32", "float16" or "bfloat16" (None = the device's policy).
+        dtype: "auto", "float32", "float16" or "bfloat16" (None = the device's policy, which on the CPU
+            depends on the model's size: see :func:`dallecli.engine.device.choose_dtype`).
+        vae: None/"full" (the model's own VAE), "tiny" (the registry's tiny decoder for the model's family,
+            e.g. ``taesd``: fast previews), or a registry alias, repo id or folder of a VAE.
+        low_memory: True/False forces low-memory mode on/off; None decides per image size from the free
+            memory (:meth:`memory`).
 
     Raises:
         ModelNotFoundError, DeviceUnavailableError, UsageError: at construction, before anything loads.
     """
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, *, vae: str | None = None, low_memory: bool | None = None):
         self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(self.device, dtype).dtype
+        requested = normalize_dtype(dtype)
+        self.weight_bytes = float32_weight_bytes(self.model.path) if requested == "auto" or low_memory is None else None
+        self.dtype_choice = resolve_dtype(self.device, requested, self.weight_bytes)
+        self.dtype = self.dtype_choice.dtype
+        self.vae: ResolvedModel | None = self._resolve_vae(vae, cache_dir)
+        self.low_memory = low_memory
+        self._memory: dict[tuple, MemoryChoice] = {}
+        self._available: int | None = None
         self._pipe = None
         self._base_scheduler_config = None
         self._loras: tuple = ()  # (key, applied) of the LoRAs now in the pipeline
+
+    def _resolve_vae(self, vae: str | None, cache_dir: Path | None) -> ResolvedModel | None:
+        """The VAE folder ``--vae`` names (None: the model's own), checked before anything loads.
+
+        Raises:
+            UsageError: ``tiny`` for a model family that has no tiny decoder in the registry.
+            ModelNotFoundError: the VAE is not available locally.
+        """
+        if vae in (None, "", "full", "default"):
+            return None
+        if vae == "tiny":
+            own = _component_class(self.model.path / "vae")
+            if own == "AutoencoderTiny":
+                return None  # the model's own VAE is already a tiny one (the embedded model)
+            family = PIPELINE_FAMILIES.get(pipeline_class_name(self.model.path) or "") or (
+                self.model.spec.family if self.model.spec else "stable-diffusion")
+            spec = tiny_decoder_for(family)
+            if spec is None:
+                raise UsageError(f"--vae tiny: no tiny decoder for {family} models in the registry; use --vae full")
+            vae = spec.alias
+        return resolve_vae(vae, cache_dir=cache_dir)
 
     # -- model ---------------------------------------------------------------------------------------
     @property
@@ -80,9 +114,30 @@ class Engine:
         """The loaded diffusers pipeline (loads it on first access)."""
         if self._pipe is None:
             variant = self.model.spec.variant if self.model.spec and self.dtype != "float32" else None
-            self._pipe = load_pipeline(self.model.path, self.device, self.dtype, variant)
-            self._base_scheduler_config = dict(self._pipe.scheduler.config)
+            offload = any(c.low_memory for c in self._memory.values()) or bool(self.low_memory)
+            pipe = load_pipeline(self.model.path, self.device, self.dtype, variant, offload=offload)
+            if self.vae is not None:
+                pipe = with_vae(pipe, load_vae(self.vae.path, self.device, self.dtype), self.vae.name)
+            self._base_scheduler_config = dict(pipe.scheduler.config)
+            self._pipe = pipe
         return self._pipe
+
+    def memory(self, width: int, height: int, images: int = 1, guidance: bool = True) -> MemoryChoice:
+        """Whether a pass of ``images`` images of ``width`` x ``height`` pixels runs in low-memory mode.
+
+        Decided once per shape: ``low_memory`` when given, else from the free memory on the device
+        (read once, before the model loads) against :func:`dallecli.engine.memory.estimate_bytes`.
+        """
+        key = (width, height, images, bool(guidance))
+        if key not in self._memory:
+            needed = available = None
+            if self.low_memory is None:
+                if self._available is None:
+                    self._available = available_bytes(self.device)
+                available = self._available
+                needed = estimate_bytes(self.weight_bytes or 0, self.dtype, width, height, images, guidance)
+            self._memory[key] = choose_low_memory(self.low_memory, needed or 0, available, self.device, width, height)
+        return self._memory[key]
 
     def defaults(self) -> dict:
         """Generation defaults for this model: ``{"steps", "guidance", "width", "height"}``."""
@@ -171,6 +226,8 @@ class Engine:
         """
         import torch
 
+        apply_memory_mode(self.pipe, self.memory(request.width, request.height, len(prompts),
+                                                 request.guidance_scale > 1))
         callback = None
         if on_step is not None:
             def callback(_pipe, step_index, _timestep, kwargs):
@@ -212,6 +269,7 @@ class Engine:
             guidance_scale=float(request.guidance_scale), width=request.width, height=request.height,
             model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.dtype,
             device=self.device, version=__version__, loras=loras, truncation=check.as_metadata(),
+            vae=self.vae.name if self.vae is not None else None,
         )
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GeneratedImage]:
@@ -285,6 +343,16 @@ class Engine:
             settings = self._settings(prompt, seed, request, scheduler, loras, check)
             results.append(GeneratedImage(to_pil(images[index]), settings, index, warnings))
         return results
+
+
+def _component_class(folder: Path) -> str | None:
+    """``_class_name`` from a component folder's ``config.json`` (None when absent or unreadable)."""
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
 
 
 def to_pil(image):

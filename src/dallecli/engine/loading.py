@@ -64,18 +64,23 @@ def _has_variant(folder: Path, variant: str) -> bool:
     return any(f".{variant}." in p.name for p in folder.rglob("*.safetensors"))
 
 
-def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = None):
+def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = None, *, offload: bool = False):
     """Load (or reuse) the pipeline in ``folder`` on ``device`` in ``dtype``.
 
     Every weights file is checked by content first (:func:`dallecli.engine.weights.verify_folder`), then
     ``DiffusionPipeline.from_pretrained(..., use_safetensors=True)`` loads it; remote code is never trusted.
-    The result is cached in-process keyed by (folder, device, dtype, variant).
+    Weights are materialised once, straight in ``dtype`` (diffusers' ``low_cpu_mem_usage`` path through
+    accelerate: no random initialisation, no second copy). On the CPU, torch's threads follow
+    :func:`dallecli.engine.threads.configure_threads` (one per physical core). The result is cached
+    in-process keyed by (folder, device, dtype, variant, offload).
 
     Args:
         folder: a diffusers pipeline folder (``model_index.json`` + component folders).
         device: torch device string ("cpu", "cuda", "mps", ...).
         dtype: "float32", "float16" or "bfloat16".
         variant: weights variant such as "fp16", used when the folder has it.
+        offload: CUDA only: keep each model in CPU memory until its turn (``enable_model_cpu_offload``)
+            instead of moving the whole pipeline to the GPU.
 
     Raises:
         UnsafeWeightsError: pickle-only components or pickles disguised as safetensors.
@@ -83,7 +88,8 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = N
         ModelNotFoundError: not a pipeline folder, or diffusers cannot load it.
         OutOfMemoryError: the weights do not fit on the device.
     """
-    key = (str(folder.resolve()), device, dtype, variant)
+    offload = offload and device.startswith("cuda")
+    key = (str(folder.resolve()), device, dtype, variant, offload)
     if key in _CACHE:
         return _CACHE[key]
     if not (folder / "model_index.json").exists():
@@ -94,6 +100,11 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = N
     from diffusers import DiffusionPipeline
 
     from diffusers.pipelines import pipeline_utils
+
+    if device == "cpu":
+        from dallecli.engine.threads import configure_threads
+
+        configure_threads()
 
     # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
     dtype_arg = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
@@ -110,12 +121,69 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = N
             raise UnsafeWeightsError(f"{folder} lacks .safetensors weights for a component: {message}") from exc
         raise ModelNotFoundError(f"cannot load the pipeline in {folder}: {message}") from exc
     try:
-        pipe = pipe.to(device)
+        if offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe = pipe.to(device)
     except torch.OutOfMemoryError as exc:
         raise OutOfMemoryError(f"the model does not fit in {device} memory; try --low-memory or a smaller model") from exc
     pipe.set_progress_bar_config(disable=True)
     _CACHE[key] = pipe
     return pipe
+
+
+def load_vae(folder: Path, device: str, dtype: str):
+    """Load (or reuse) the VAE in ``folder`` (``config.json`` + safetensors: ``AutoencoderTiny`` or
+    ``AutoencoderKL``) on ``device`` in ``dtype``; cached like :func:`load_pipeline`.
+
+    Raises:
+        UnsafeWeightsError, CorruptWeightsError: as :func:`dallecli.engine.weights.verify_folder`.
+        ModelNotFoundError: not a VAE folder diffusers can load.
+    """
+    key = ("vae", str(folder.resolve()), device, dtype)
+    if key in _CACHE:
+        return _CACHE[key]
+    verify_folder(folder)
+    quiet_libraries()
+    import diffusers
+    import torch
+
+    try:
+        class_name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"{folder}: unreadable config.json ({exc})") from exc
+    if class_name not in ("AutoencoderTiny", "AutoencoderKL"):
+        raise ModelNotFoundError(f"{folder} holds a {class_name}, not a VAE (AutoencoderTiny or AutoencoderKL)")
+    try:
+        vae = getattr(diffusers, class_name).from_pretrained(folder, torch_dtype=getattr(torch, dtype),
+                                                             use_safetensors=True, local_files_only=True)
+    except (EnvironmentError, ValueError) as exc:
+        raise ModelNotFoundError(f"cannot load the VAE in {folder}: {str(exc).splitlines()[0]}") from exc
+    vae = vae.to(device).eval()
+    _CACHE[key] = vae
+    return vae
+
+
+def with_vae(pipe, vae, key: str):
+    """A pipeline sharing every component of ``pipe`` except its VAE (diffusers' ``from_pipe``: no weights
+    are copied), cached under ``key``; ``pipe`` itself is not changed.
+
+    Raises:
+        UsageError: the VAE's latent channels differ from the pipeline's (it cannot decode these latents).
+    """
+    from dallecli.errors import UsageError
+
+    cache_key = ("with-vae", id(pipe), key)
+    if cache_key in _CACHE:
+        return _CACHE[cache_key]
+    ours = getattr(pipe.vae.config, "latent_channels", None)
+    theirs = getattr(vae.config, "latent_channels", None)
+    if ours != theirs:
+        raise UsageError(f"--vae {key}: it decodes {theirs}-channel latents, this model makes {ours}-channel ones")
+    derived = type(pipe).from_pipe(pipe, vae=vae)
+    derived.set_progress_bar_config(disable=True)
+    _CACHE[cache_key] = derived
+    return derived
 
 
 def clear_cache() -> None:

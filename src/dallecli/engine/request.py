@@ -76,6 +76,7 @@ class ImageSettings:
     version: str
     loras: list[dict] = field(default_factory=list)
     truncation: dict | None = None
+    vae: str | None = None  # a replacement VAE (``--vae``), None for the model's own
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -220,6 +220,31 @@ def select_files(listing: dict[str, int | None], model_index: dict, variant: str
     return files, skipped
 
 
+def select_component_files(listing: dict[str, int | None], variant: str | None,
+                           repo_id: str) -> tuple[list[PlannedFile], list[tuple[str, str]]]:
+    """Choose the files of a single-component repo (a VAE such as ``madebyollin/taesd``: ``config.json`` and
+    the weights in the repo root) from its listing (pure: no network).
+
+    Raises:
+        UnsafeWeightsError: the root has weights only as pickles.
+        ModelNotFoundError: no ``config.json`` in the root.
+    """
+    if "config.json" not in listing:
+        raise ModelNotFoundError(f"{repo_id} has no config.json in its root; it is not a diffusers model folder")
+    root = [p for p in listing if "/" not in p]
+    safetensors = [p for p in root if _suffix(p) == ".safetensors"]
+    if not safetensors:
+        others = sorted(p for p in root if _suffix(p) in NEVER_SUFFIXES)
+        raise UnsafeWeightsError(f"{repo_id} has pickle-only weights ({', '.join(others[:2]) or 'none'}); dalle "
+                                 "loads .safetensors only, so nothing was downloaded")
+    wanted = [p for p in safetensors if variant and variant_of(p) == variant]
+    wanted = wanted or [p for p in safetensors if variant_of(p) is None] or safetensors
+    chosen = {"config.json", *wanted}
+    skipped = [(p, "pickle or non-PyTorch format" if _suffix(p) in NEVER_SUFFIXES else "other weights variant")
+               for p in sorted(listing) if p not in chosen and (_suffix(p) in NEVER_SUFFIXES or _suffix(p) == ".safetensors")]
+    return [PlannedFile(p, listing.get(p)) for p in sorted(chosen)], skipped
+
+
 def _translate_hub_error(exc: Exception, repo_id: str, name: str) -> DalleError:
     """Map a huggingface_hub exception to a one-line dallecli error (never quoting headers or tokens)."""
     from huggingface_hub.errors import (
@@ -297,6 +322,10 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
     info = _hub_call(lambda: api.model_info(repo_id, revision=revision, files_metadata=True), repo_id, name)
     commit = info.sha
     listing = {s.rfilename: (s.lfs.size if s.lfs else s.size) for s in (info.siblings or [])}
+    if "model_index.json" not in listing and spec is not None and spec.is_decoder:
+        files, skipped = select_component_files(listing, variant, repo_id)
+        chosen_variant = variant if any(variant_of(os.path.basename(f.path)) == variant for f in files) else None
+        return DownloadPlan(name, repo_id, revision, commit, chosen_variant, tuple(files), tuple(skipped), spec)
     if "model_index.json" not in listing:
         raise ModelNotFoundError(
             f"{repo_id} is not a diffusers pipeline (no model_index.json in the repo root); "

@@ -29,6 +29,8 @@ class ModelSpec:
         note: one line for ``dalle models``.
         variant: weights variant to download (e.g. "fp16"), or None for the default files.
         vae_repo: a replacement VAE repo (e.g. an fp16-safe one), or None.
+        decodes: for a decoder-only entry (family "tiny-vae", used by ``--vae tiny``), the pipeline families
+            whose latents it decodes; empty for pipelines.
     """
 
     alias: str
@@ -45,6 +47,12 @@ class ModelSpec:
     note: str = ""
     variant: str | None = None
     vae_repo: str | None = None
+    decodes: tuple[str, ...] = ()
+
+    @property
+    def is_decoder(self) -> bool:
+        """True for a VAE-only entry (no pipeline, no generation defaults)."""
+        return bool(self.decodes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -81,7 +89,19 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in (
     ModelSpec("tiny-sd", "nota-ai/bk-sdm-tiny", "stable-diffusion", steps=25, guidance=7.5, width=512, height=512,
               dtype="float16", licence="creativeml-openrail-m", size_gb=1.7, variant="fp16",
               note="BK-SDM-Tiny: distilled SD 1.4 (~55% smaller UNet); the most CPU-friendly real model"),
+    # Tiny autoencoders (TAESD): 2.4 M-parameter decoders for fast previews, `--vae tiny`; not pipelines.
+    ModelSpec("taesd", "madebyollin/taesd", "tiny-vae", steps=0, guidance=0.0, width=0, height=0, licence="MIT",
+              size_gb=0.01, decodes=("stable-diffusion",),
+              note="tiny VAE decoder for SD 1.x/2.x latents (--vae tiny): fast previews, softer detail"),
+    ModelSpec("taesdxl", "madebyollin/taesdxl", "tiny-vae", steps=0, guidance=0.0, width=0, height=0, licence="MIT",
+              size_gb=0.01, decodes=("sdxl",),
+              note="tiny VAE decoder for SDXL latents (--vae tiny): fast previews, softer detail"),
 )}
+
+
+def tiny_decoder_for(family: str) -> ModelSpec | None:
+    """The registry's tiny VAE (``--vae tiny``) for a pipeline family, or None when there is none."""
+    return next((s for s in REGISTRY.values() if family in s.decodes), None)
 
 GENERIC_DEFAULTS = {"steps": 25, "guidance": 7.0, "width": 512, "height": 512}
 FAMILY_DEFAULTS = {

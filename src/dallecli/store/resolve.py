@@ -86,3 +86,29 @@ def resolve_model(name: str | None, cache_dir: Path | None = None) -> ResolvedMo
     if not (folder / "model_index.json").exists():
         raise ModelNotFoundError(f"model '{name}' is only partly downloaded; run `dalle download {name}`")
     return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name)
+
+
+def resolve_vae(name: str, cache_dir: Path | None = None) -> ResolvedModel:
+    """Find the folder of a VAE given to ``--vae`` (not ``tiny``, which the engine maps to a registry entry)
+    without any network access: a local folder with ``config.json``, or a registry alias / ``org/name`` repo
+    already in the Hugging Face cache.
+
+    Raises:
+        ModelNotFoundError: nothing by that name is available locally (the message says how to get it).
+    """
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local.is_dir() and (local / "config.json").exists()):
+            raise ModelNotFoundError(f"--vae {local}: a VAE folder needs a config.json (a diffusers model folder)")
+        return ResolvedModel(str(local), local.resolve(), None, None)
+    spec = lookup(name)
+    repo_id = spec.repo_id if spec else name
+    if repo_id is None or repo_id.count("/") != 1:
+        raise ModelNotFoundError(f"unknown --vae '{name}': give tiny, full, a folder, a registry alias or an org/name repo id")
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    if not isinstance(found, str):
+        raise ModelNotFoundError(f"VAE '{name}' is not downloaded; run `dalle download {spec.alias if spec else name}`")
+    folder = Path(found).parent
+    return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name)
