@@ -182,25 +182,3 @@ def test_two_cpu_processes_train_data_parallel(tiny_pipeline, tmp_path):
     assert summary["processes"] == 2 and summary["steps"] == 3
     assert (tmp_path / "ddp" / "lora.safetensors").exists()
     assert done.stderr.count("6/6 images captioned") == 1  # only the main process reports
-
-
-def test_min_snr_weights_vanish_at_pure_noise_unless_floored():
-    """v-prediction on a zero-terminal-SNR schedule: plain Min-SNR gives the last timestep (SNR 0) weight 0,
-    so layout is never learnt there; a floor of 1 gives it the weight of plain MSE (1)."""
-    import torch
-    from diffusers import DDPMScheduler
-
-    from dallecli.training.build_default import noise_scheduler_config
-    from dallecli.training.trainer import snr_weights
-
-    scheduler = DDPMScheduler(**noise_scheduler_config())
-    timesteps = torch.tensor([0, 500, 999])
-    plain = snr_weights(scheduler, timesteps, gamma=5.0)
-    floored = snr_weights(scheduler, timesteps, gamma=5.0, floor=1.0)
-    snr = scheduler.alphas_cumprod[timesteps] / (1 - scheduler.alphas_cumprod[timesteps])
-    assert plain[2].item() == pytest.approx(0.0, abs=1e-6)
-    assert floored[2].item() == pytest.approx(1.0, abs=1e-6)
-    assert floored[0].item() == pytest.approx(5.0 / (snr[0].item() + 1), rel=1e-4)  # gamma still caps clean steps
-    assert plain[0].item() == pytest.approx(floored[0].item())
-    expected_mid = max(min(snr[1].item(), 5.0), 1.0) / (snr[1].item() + 1)
-    assert floored[1].item() == pytest.approx(expected_mid, rel=1e-4)

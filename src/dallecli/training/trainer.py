@@ -4,9 +4,7 @@ The loss is the standard latent-diffusion objective (Rombach et al. 2022, "High-
 with Latent Diffusion Models"): noise clean latents to a random timestep with the noise scheduler, predict
 the noise (epsilon) or the velocity (v, Salimans & Ho 2022) with the UNet conditioned on the text
 encoder's hidden states, and minimise the mean squared error, optionally weighted by Min-SNR-gamma
-(Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), with an optional floor
-on the weight (the "truncated SNR" weighting of Salimans & Ho 2022, "Progressive Distillation for Fast
-Sampling of Diffusion Models").
+(Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
 
 Data come pre-encoded (:class:`EncodedData`: VAE latents and token ids), which is the main speed lever on
 small hardware. Distribution and mixed precision go through ``accelerate``; every process draws the same
@@ -46,11 +44,6 @@ class TrainSettings:
         ema_max_decay: keep an exponential moving average of the trained weights with this maximal decay
             (warm-up as in diffusers' ``EMAModel``), or None.
         snr_gamma: Min-SNR-gamma loss weighting, or None for plain MSE.
-        snr_floor: lower bound on the SNR used in the weight, or None. With v-prediction on a
-            zero-terminal-SNR schedule, plain Min-SNR gives the nearly pure-noise timesteps a weight near 0,
-            and those are the steps that decide the layout (where the object goes); a floor of 1 gives them
-            the weight of plain v-prediction MSE. Meant for v-prediction (with epsilon-prediction a floor
-            makes the weight grow as 1/SNR).
         max_grad_norm: gradient clipping norm.
         save_every: steps between checkpoints (0: only at the end).
     """
@@ -66,7 +59,6 @@ class TrainSettings:
     caption_dropout: float = 0.0
     ema_max_decay: float | None = None
     snr_gamma: float | None = 5.0
-    snr_floor: float | None = None
     max_grad_norm: float = 1.0
     save_every: int = 0
 
@@ -114,17 +106,11 @@ class TrainResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, floor: float | None = None) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (B,) for ``timesteps`` (B,), matching the scheduler's prediction type.
-
-    The weight of the clean-sample error is ``clamp(SNR, floor, gamma)``; it is converted to a weight on the
-    velocity error (divided by SNR + 1) or on the noise error (divided by SNR).
-    """
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for ``timesteps`` (B,), matching the scheduler's prediction type."""
     alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod).clamp(min=1e-8)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    if floor is not None:
-        clipped = torch.maximum(clipped, torch.full_like(snr, floor))
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr.clamp(min=1e-8)
@@ -279,7 +265,7 @@ class DenoiserTrainer:
             prediction = self.unet(noisy, timesteps, hidden).sample  # (B, C, h, w)
         error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.settings.snr_gamma is not None:
-            error = error * snr_weights(scheduler, timesteps, self.settings.snr_gamma, self.settings.snr_floor)
+            error = error * snr_weights(scheduler, timesteps, self.settings.snr_gamma)
         return error.mean()
 
     def run(self, on_step: Callable[[StepReport], None] | None = None,
