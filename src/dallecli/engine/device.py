@@ -53,8 +53,8 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
 
     Policy: an explicit request wins; CUDA gets bfloat16 where the GPU supports it (no fp16 overflow to
     NaN), else float16; MPS gets float32 (half precision on MPS produces NaN/black images with many models);
-    CPU gets bfloat16 where oneDNN has bf16 kernels for it (``cpu_bf16`` "native" or "avx512") and the model
-    is large enough to gain (``weight_bytes`` >= :data:`CPU_BF16_MIN_WEIGHT_BYTES`, or unknown), else float32.
+    CPU gets bfloat16 where it has bf16 instructions (``cpu_bf16`` "native": AVX-512-BF16 or AMX) and the model
+    is large enough to gain; AVX-512 without them (oneDNN converts to float32) measured slower, so float32 (``weight_bytes`` >= :data:`CPU_BF16_MIN_WEIGHT_BYTES`, or unknown), else float32.
     bfloat16 keeps float32's exponent range, so it cannot overflow to NaN the way float16 does; its quality
     (PSNR against float32 with the same seed) is checked in the benchmarks (:func:`bf16_quality_holds`).
 
@@ -80,7 +80,9 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
         return DtypeChoice("float32", "MPS: half precision is unreliable there")
     if cpu_bf16 is None:
         return DtypeChoice("float32", "CPU without AVX-512 or bfloat16 instructions")
-    what = "with bfloat16 instructions" if cpu_bf16 == "native" else "with AVX-512 (oneDNN bfloat16 kernels)"
+    if cpu_bf16 == "avx512":  # measured: SD-Turbo 512x512 image 23.1 s fp32 -> 60.5 s bf16 (BENCHMARKS.md)
+        return DtypeChoice("float32", "CPU with AVX-512 but no bfloat16 instructions: bf16 is slower there")
+    what = "with bfloat16 instructions"
     if weight_bytes is not None and weight_bytes < CPU_BF16_MIN_WEIGHT_BYTES:
         return DtypeChoice("float32", f"CPU {what}, but the model is small "
                                       f"({weight_bytes / 1024**2:.0f} MiB): float32 is faster there")
