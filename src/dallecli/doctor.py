@@ -158,11 +158,6 @@ def diagnose() -> dict:
         choice = resolve_dtype(device, None)
         report["devices"] = devices
         reason = choice.reason
-        if device == "cpu" and choice.dtype == "bfloat16":
-            from dallecli.engine.device import CPU_BF16_MIN_WEIGHT_BYTES
-
-            reason += (f"; models under {CPU_BF16_MIN_WEIGHT_BYTES // 1024**2} MiB of float32 weights (the embedded "
-                       "one) stay float32")
         report["auto"] = {"device": device, "device_reason": device_reason(device, devices),
                           "dtype": choice.dtype, "dtype_reason": reason}
     except ImportError as exc:

@@ -40,21 +40,18 @@ def normalize_dtype(requested: str | None) -> str:
 # "avx512" (no bf16 instructions, but oneDNN runs bf16 matmuls/convolutions with AVX-512 conversions: half the
 # memory traffic, fp32 arithmetic), or None (AVX2 or less: bf16 is emulated slowly, keep float32).
 CPU_BF16_KINDS = ("native", "avx512", None)
-# Below this many weight bytes (float32), bfloat16 on the CPU is not worth it: bf16 wins by halving the memory
-# traffic of large weights and activations (SD 1.5 on this project's AVX-512 CPU: UNet step 5.3 s -> 3.0 s, 512x512
-# VAE decode 16 s -> 8.2 s), while a small model such as the embedded 20 MB one is bound by per-op overhead and
-# gains nothing from it. `python -m bench.suite --only embedded` measures both dtypes on the embedded model.
-CPU_BF16_MIN_WEIGHT_BYTES = 200 * 1024**2
 
 
 def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool = False,
-                 cpu_bf16: str | None = None, weight_bytes: int | None = None) -> DtypeChoice:
+                 cpu_bf16: str | None = None) -> DtypeChoice:
     """Pick the compute dtype for ``device``.
 
     Policy: an explicit request wins; CUDA gets bfloat16 where the GPU supports it (no fp16 overflow to
     NaN), else float16; MPS gets float32 (half precision on MPS produces NaN/black images with many models);
-    CPU gets bfloat16 where it has bf16 instructions (``cpu_bf16`` "native": AVX-512-BF16 or AMX) and the model
-    is large enough to gain; AVX-512 without them (oneDNN converts to float32) measured slower, so float32 (``weight_bytes`` >= :data:`CPU_BF16_MIN_WEIGHT_BYTES`, or unknown), else float32.
+    CPU gets float32. bfloat16 stays opt-in there (``--dtype bfloat16``): on AVX-512 CPUs without bf16
+    instructions (oneDNN converts to float32) it measured 2.6x slower (SD-Turbo architecture, 512x512), and it
+    failed the quality rule on the embedded model (worst PSNR against float32, same seed, 26.5 dB of 8 pairs,
+    under :data:`BF16_MIN_PSNR_DB`), so it cannot be the default even where the CPU has AVX-512-BF16 or AMX.
     bfloat16 keeps float32's exponent range, so it cannot overflow to NaN the way float16 does; its quality
     (PSNR against float32 with the same seed) is checked in the benchmarks (:func:`bf16_quality_holds`).
 
@@ -63,7 +60,6 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
         requested: "auto"/None or a dtype name (aliases such as "fp16" accepted).
         cuda_bf16: whether the CUDA device supports bfloat16 (compute capability 8.0+).
         cpu_bf16: the CPU's bfloat16 support, one of :data:`CPU_BF16_KINDS`.
-        weight_bytes: the model's weights in float32, bytes (None: unknown, treated as large).
 
     Raises:
         UsageError: an unknown dtype name.
@@ -78,15 +74,12 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
         return DtypeChoice("float16", "CUDA GPU without bfloat16 support")
     if kind == "mps":
         return DtypeChoice("float32", "MPS: half precision is unreliable there")
-    if cpu_bf16 is None:
-        return DtypeChoice("float32", "CPU without AVX-512 or bfloat16 instructions")
+    if cpu_bf16 == "native":
+        return DtypeChoice("float32", "CPU (bfloat16 instructions present, but bfloat16 failed the quality check "
+                                      "against float32; --dtype bfloat16 to use it)")
     if cpu_bf16 == "avx512":  # measured: SD-Turbo 512x512 image 23.1 s fp32 -> 60.5 s bf16 (BENCHMARKS.md)
         return DtypeChoice("float32", "CPU with AVX-512 but no bfloat16 instructions: bf16 is slower there")
-    what = "with bfloat16 instructions"
-    if weight_bytes is not None and weight_bytes < CPU_BF16_MIN_WEIGHT_BYTES:
-        return DtypeChoice("float32", f"CPU {what}, but the model is small "
-                                      f"({weight_bytes / 1024**2:.0f} MiB): float32 is faster there")
-    return DtypeChoice("bfloat16", f"CPU {what}")
+    return DtypeChoice("float32", "CPU without AVX-512 or bfloat16 instructions")
 
 
 BF16_MIN_PSNR_DB = 30.0
@@ -176,7 +169,7 @@ def resolve_device(requested: str | None = None) -> str:
     return pick_device(requested, cuda=cuda, mps=mps, cuda_count=torch.cuda.device_count() if cuda else 0)
 
 
-def resolve_dtype(device: str, requested: str | None = None, weight_bytes: int | None = None) -> DtypeChoice:
+def resolve_dtype(device: str, requested: str | None = None) -> DtypeChoice:
     """:func:`choose_dtype` with the hardware facts filled in from torch and the CPU flags.
 
     Args:
@@ -186,7 +179,7 @@ def resolve_dtype(device: str, requested: str | None = None, weight_bytes: int |
 
     cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     cpu_bf16 = cpu_bf16_kind() if device == "cpu" else None
-    return choose_dtype(device, requested, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16, weight_bytes=weight_bytes)
+    return choose_dtype(device, requested, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16)
 
 
 def float32_weight_bytes(folder) -> int | None:
@@ -213,8 +206,10 @@ def float32_weight_bytes(folder) -> int | None:
             try:
                 with open(path, "rb") as handle:
                     (length,) = struct.unpack("<Q", handle.read(8))
+                    if length > path.stat().st_size - 8:  # not a safetensors file (a pickle, a pointer...)
+                        return None
                     header = json.loads(handle.read(length))
-            except (OSError, ValueError, struct.error):
+                total += sum(4 * prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+            except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError):
                 return None
-            total += sum(4 * prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
     return total or None

@@ -76,8 +76,8 @@ class Engine:
         self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir)
         self.device = resolve_device(device)
         requested = normalize_dtype(dtype)
-        self.weight_bytes = float32_weight_bytes(self.model.path) if requested == "auto" or low_memory is None else None
-        self.dtype_choice = resolve_dtype(self.device, requested, self.weight_bytes)
+        self.weight_bytes = float32_weight_bytes(self.model.path) if low_memory is None else None
+        self.dtype_choice = resolve_dtype(self.device, requested)
         self.dtype = self.dtype_choice.dtype
         self.vae: ResolvedModel | None = self._resolve_vae(vae, cache_dir)
         self.low_memory = low_memory
