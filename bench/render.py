@@ -139,10 +139,12 @@ def targets(results: dict) -> list[str]:
                      f"{ratio:.2f}×, PSNR {psnr:.1f} dB", ratio <= 0.55 and psnr >= 30))
         if tiny:
             rows.append(("with `--vae tiny` ≤ 0.2×", f"{tiny['image_s'] / base:.2f}×", tiny["image_s"] / base <= 0.2))
-        weights = turbo["params"] * 2 / 1024**2
-        rows.append(("peak RSS ≤ 1.2× weights in the dtype used (SD-Turbo, bf16, one image)",
-                     f"{auto['peak_rss_mb'] / weights:.2f}× ({auto['peak_rss_mb'] / 1024:.2f} GiB for {weights / 1024:.2f} GiB of bf16 weights; "
-                     f"after load {auto['rss_after_load_mb'] / weights:.2f}×)", auto["peak_rss_mb"] <= 1.2 * weights))
+        width = {"float32": 4, "bfloat16": 2, "float16": 2}[auto["dtype"]]  # bytes per weight in the dtype used
+        weights = turbo["params"] * width / 1024**2
+        rows.append((f"peak RSS ≤ 1.2× weights in the dtype used (SD-Turbo, {auto['dtype']}, one image)",
+                     f"{auto['peak_rss_mb'] / weights:.2f}× ({auto['peak_rss_mb'] / 1024:.2f} GiB for {weights / 1024:.2f} GiB "
+                     f"of {auto['dtype']} weights; after load {auto['rss_after_load_mb'] / weights:.2f}×)",
+                     auto["peak_rss_mb"] <= 1.2 * weights))
     if sec.get("startup"):
         worst = max(sec["startup"][k]["ours_s"] for k in ("dalle --help", "dalle generate --help"))
         rows.append(("start-up ≤ 0.3 s, no torch import", f"{worst:.3f} s, torch imported: {sec['startup']['imports_torch']}",
