@@ -105,7 +105,7 @@ def batch(
     made, failed, warned = 0, 0, set()
     load_started = time.perf_counter()
     if batches:
-        from dallecli.cli.generate import report_memory_choice
+        from dallecli.cli.console import report_memory_choice
 
         first = batches[0][0].settings
         report_memory_choice(engine.memory(first.width, first.height, len(batches[0]), first.guidance_scale > 1))

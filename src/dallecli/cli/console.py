@@ -69,3 +69,10 @@ def step_progress(total: int, description: str):
             return self.progress.__exit__(*exc)
 
     return _Bar()
+
+
+def report_memory_choice(choice) -> None:
+    """Say on stderr when the engine turned low-memory mode on by itself."""
+    if choice.automatic and choice.low_memory:
+        info(f"low memory ({choice.reason}): using --low-memory ({', '.join(choice.techniques)}); "
+             "pass --no-low-memory to turn it off")

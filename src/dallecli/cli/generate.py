@@ -11,15 +11,6 @@ from dallecli.cli.errors import handles_errors
 from dallecli.cli.options import Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Scheduler, Steps, Vae, Width
 
 
-def report_memory_choice(choice) -> None:
-    """Say on stderr when the engine turned low-memory mode on by itself."""
-    if choice.automatic and choice.low_memory:
-        from dallecli.cli.console import info
-
-        info(f"low memory ({choice.reason}): using --low-memory ({', '.join(choice.techniques)}); "
-             "pass --no-low-memory to turn it off")
-
-
 def _from_image(path: Path) -> dict:
     from dallecli.images import read_metadata
 
@@ -49,7 +40,7 @@ def generate(
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file to apply, PATH[:SCALE] (scale 1 by default); repeatable.")] = None,
 ) -> None:
     """Generate images from a text prompt."""
-    from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
+    from dallecli.cli.console import info, out as print_line, out_json, report_memory_choice, step_progress, warn
     from dallecli.config import default_output_dir, user_default
     from dallecli.images import prepare_output_folder
     from dallecli.engine.request import GenerationRequest, validate_request

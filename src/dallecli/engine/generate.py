@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dallecli import __version__
-from dallecli.engine.device import float32_weight_bytes, normalize_dtype, resolve_device, resolve_dtype
+from dallecli.engine.device import float32_weight_bytes, resolve_device, resolve_dtype
 from dallecli.engine.loading import default_size, load_pipeline, load_vae, pipeline_class_name, with_vae
 from dallecli.engine.memory import MemoryChoice, apply_memory_mode, available_bytes, choose_low_memory, estimate_bytes
 from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, validate_request
@@ -60,8 +60,8 @@ class Engine:
     Args:
         model: alias, ``org/name`` repo id, local folder, or None for the embedded model.
         device: "auto", "cpu", "cuda", "cuda:N" or "mps" (None = auto).
-        dtype: "auto", "float32", "float16" or "bfloat16" (None = the device's policy, which on the CPU
-            depends on the model's size: see :func:`dallecli.engine.device.choose_dtype`).
+        dtype: "auto", "float32", "float16" or "bfloat16" (None = the device's policy:
+            :func:`dallecli.engine.device.choose_dtype`).
         vae: None/"full" (the model's own VAE), "tiny" (the registry's tiny decoder for the model's family,
             e.g. ``taesd``: fast previews), or a registry alias, repo id or folder of a VAE.
         low_memory: True/False forces low-memory mode on/off; None decides per image size from the free
@@ -75,9 +75,8 @@ class Engine:
                  cache_dir: Path | None = None, *, vae: str | None = None, low_memory: bool | None = None):
         self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir)
         self.device = resolve_device(device)
-        requested = normalize_dtype(dtype)
         self.weight_bytes = float32_weight_bytes(self.model.path) if low_memory is None else None
-        self.dtype_choice = resolve_dtype(self.device, requested)
+        self.dtype_choice = resolve_dtype(self.device, dtype)
         self.dtype = self.dtype_choice.dtype
         self.vae: ResolvedModel | None = self._resolve_vae(vae, cache_dir)
         self.low_memory = low_memory

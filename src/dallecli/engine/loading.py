@@ -64,6 +64,15 @@ def _has_variant(folder: Path, variant: str) -> bool:
     return any(f".{variant}." in p.name for p in folder.rglob("*.safetensors"))
 
 
+def _dtype_kwargs(dtype: str) -> dict:
+    """``from_pretrained``'s dtype keyword for ``dtype`` (a torch dtype name): diffusers renamed
+    ``torch_dtype`` to ``dtype`` (the old name warns); older releases know only ``torch_dtype``."""
+    import torch
+    from diffusers.pipelines import pipeline_utils
+
+    return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": getattr(torch, dtype)}
+
+
 def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = None, *, offload: bool = False):
     """Load (or reuse) the pipeline in ``folder`` on ``device`` in ``dtype``.
 
@@ -99,16 +108,12 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = N
     import torch
     from diffusers import DiffusionPipeline
 
-    from diffusers.pipelines import pipeline_utils
-
     if device == "cpu":
         from dallecli.engine.threads import configure_threads
 
         configure_threads()
 
-    # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
-    dtype_arg = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-    kwargs = {dtype_arg: getattr(torch, dtype)}
+    kwargs = _dtype_kwargs(dtype)
     if variant and _has_variant(folder, variant):
         kwargs["variant"] = variant
     try:
@@ -146,7 +151,6 @@ def load_vae(folder: Path, device: str, dtype: str):
     verify_folder(folder)
     quiet_libraries()
     import diffusers
-    import torch
 
     try:
         class_name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
@@ -155,8 +159,8 @@ def load_vae(folder: Path, device: str, dtype: str):
     if class_name not in ("AutoencoderTiny", "AutoencoderKL"):
         raise ModelNotFoundError(f"{folder} holds a {class_name}, not a VAE (AutoencoderTiny or AutoencoderKL)")
     try:
-        vae = getattr(diffusers, class_name).from_pretrained(folder, torch_dtype=getattr(torch, dtype),
-                                                             use_safetensors=True, local_files_only=True)
+        vae = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                             **_dtype_kwargs(dtype))
     except (EnvironmentError, ValueError) as exc:
         raise ModelNotFoundError(f"cannot load the VAE in {folder}: {str(exc).splitlines()[0]}") from exc
     vae = vae.to(device).eval()
