@@ -30,7 +30,7 @@ def generate(
     model: Model = None,
     scheduler: Scheduler = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; never changes the pixels.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; changes no pixel by more than 1 level.")] = None,
     device: Device = None,
     dtype: Dtype = None,
     vae: Vae = None,

@@ -275,7 +275,9 @@ class Engine:
         """Make the requested images, yielding each as soon as its batch is decoded.
 
         Initial noise for image i comes from a CPU ``torch.Generator`` seeded with its own seed, so an image
-        depends only on its settings and seed, not on ``num_images`` or ``batch_size``.
+        depends only on its settings and seed, not on ``num_images`` or ``batch_size``, up to float rounding:
+        a different batch shape changes the summation order of the matrix products, which can move a pixel
+        by one 8-bit level (0–255 scale). The same request with the same batch shape is bit-identical.
 
         Args:
             request: the request; ``None`` fields take the model's defaults.
