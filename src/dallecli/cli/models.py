@@ -10,7 +10,8 @@ import typer
 
 from dallecli.cli.errors import handles_errors
 
-models_app = typer.Typer(help="List, inspect and remove models.", invoke_without_command=True, no_args_is_help=False)
+models_app = typer.Typer(help="List, inspect and remove models.", invoke_without_command=True, no_args_is_help=False,
+                         rich_markup_mode=None)  # plain help: see app.py
 
 CacheDir = Annotated[Optional[Path], typer.Option(help="HF cache folder (default: $HF_HUB_CACHE or $HF_HOME/hub).")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
