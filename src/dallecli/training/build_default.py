@@ -7,9 +7,12 @@ Stages (each cached in ``--work``, so an interrupted build resumes where it stop
 1. render ``--images`` captioned scenes of the shapes world (:mod:`dallecli.training.shapes`);
 2. learn a CLIP-format BPE vocabulary from the captions;
 3. train a 4x ``AutoencoderTiny`` on the images and encode every image once;
-4. train a CLIP text encoder and a ``UNet2DConditionModel`` from scratch, jointly, with the project's
-   trainer in full mode (v-prediction, zero-terminal-SNR cosine schedule, Min-SNR weighting, EMA);
-5. save a ``StableDiffusionPipeline`` folder (safetensors only) plus ``training.json`` recording how.
+4. "base": train a CLIP text encoder and a ``UNet2DConditionModel`` from scratch, jointly, with the
+   project's trainer in full mode (v-prediction, zero-terminal-SNR cosine schedule, Min-SNR weighting, EMA);
+   its EMA weights are kept in ``--work``/base;
+5. "layout": train on from those weights with half of each batch drawn from the noisiest fifth of the
+   timesteps and the Min-SNR weight floored at 1 (truncated SNR), which teaches the position words;
+6. save a ``StableDiffusionPipeline`` folder (safetensors only) plus ``training.json`` recording how.
 
 The result loads with plain ``diffusers.DiffusionPipeline.from_pretrained(path, use_safetensors=True)``.
 """
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("build/shapes-work"), help="cache and checkpoints")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=40_000)
-    parser.add_argument("--steps", type=int, default=7_000)
+    parser.add_argument("--steps", type=int, default=7_000, help="stage 4: training from scratch")
+    parser.add_argument("--layout-steps", type=int, default=3_000, help="stage 5: weight on the noisiest timesteps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=6e-4)
     parser.add_argument("--save-every", type=int, default=500)
@@ -182,88 +187,105 @@ def main(argv: list[str] | None = None) -> None:
     empty = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids[0]
     data = EncodedData(latents=latents, input_ids=ids, empty_ids=empty)
 
-    # 4. text encoder + UNet, full training
-    torch.manual_seed(args.seed)
-    text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = build_unet(latents.shape[1], latents.shape[-1])
+    # 4. text encoder + UNet, full training from scratch
     scheduler_config = noise_scheduler_config()
     noise_scheduler = DDPMScheduler(**scheduler_config)
+    base = work / "base"  # the EMA weights at the end of stage 4, as a pipeline folder
+    stages = []
+    if not (base / "stage.json").exists():
+        torch.manual_seed(args.seed)
+        text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        unet = build_unet(latents.shape[1], latents.shape[-1])
+        settings = TrainSettings(
+            steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=200,
+            seed=args.seed, caption_dropout=0.1, ema_max_decay=0.9995, snr_gamma=5.0,
+            save_every=args.save_every, weight_decay=0.0,
+        )
+        result = train_stage("base", unet, text_encoder, tokenizer, vae, noise_scheduler, data, settings,
+                             work / "checkpoints", work, say)
+        save_pipeline(result.trainer, unet, text_encoder, tokenizer, vae, scheduler_config, base)
+        (base / "stage.json").write_text(json.dumps(result.record, indent=2) + "\n", encoding="utf-8")
+    stages.append(json.loads((base / "stage.json").read_text(encoding="utf-8")))
+
+    # 5. layout: the same model, trained on with weight on the noisiest timesteps, where the prompt alone
+    # decides where the object goes (stage 4's Min-SNR weighting gives them almost none, and the model
+    # learnt colours and shapes but not positions)
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True)
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", use_safetensors=True)
     settings = TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=200,
-        seed=args.seed, caption_dropout=0.1, ema_max_decay=0.9995, snr_gamma=5.0,
-        save_every=args.save_every, weight_decay=0.0,
+        steps=args.layout_steps, batch_size=args.batch_size, learning_rate=args.learning_rate / 2,
+        warmup_steps=100, seed=args.seed + 1, caption_dropout=0.1, ema_max_decay=0.999, snr_gamma=5.0,
+        snr_floor=1.0, high_noise_fraction=0.5, save_every=args.save_every, weight_decay=0.0,
     )
-    parameters = [p for p in list(unet.parameters()) + list(text_encoder.parameters())]
-    trainer = DenoiserTrainer(unet, text_encoder, noise_scheduler, data, settings, parameters,
-                              checkpoint_dir=work / "checkpoints")
-    resumed = trainer.resume()
-    if resumed:
-        say(f"resumed at step {resumed}")
+    result = train_stage("layout", unet, text_encoder, tokenizer, vae, noise_scheduler, data, settings,
+                         work / "checkpoints-layout", work, say)
+    stages.append(result.record)
 
-    def on_step(report: StepReport) -> None:
-        if report.step % 50 == 0:
-            rate = (report.step - resumed) / (time.time() - loop_start)
-            say(f"step {report.step}/{report.total} loss {report.loss:.4f} {rate:.2f} steps/s")
-
-    def on_save(step: int) -> None:
-        with trainer.averaged_weights():
-            pipe = make_pipeline(unet, text_encoder, tokenizer, vae, scheduler_config)
-            grid = sample_grid(pipe, SAMPLE_PROMPTS, seeds=range(4))
-        grid.save(work / f"samples-{step:07d}.png")
-        unet.train()
-        text_encoder.train()
-
-    loop_start = time.time()
-    result = trainer.run(on_step=on_step, on_save=on_save)
-
-    # 5. save the averaged weights as a pipeline
-    with trainer.averaged_weights():
-        pipe = make_pipeline(unet.eval(), text_encoder.eval(), tokenizer, vae, scheduler_config)
-        staging = args.out.with_name(args.out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        pipe.save_pretrained(staging, safe_serialization=True)
+    # 6. save the averaged weights as the pipeline, with how it was made
+    staging = args.out.with_name(args.out.name + ".tmp")
+    save_pipeline(result.trainer, unet, text_encoder, tokenizer, vae, scheduler_config, staging)
     record = {
         "command": "python -m dallecli.training.build_default " + " ".join(sys.argv[1:] if argv is None else argv),
-        "data_seed": args.seed, "images": args.images, "steps": result.steps, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "autoencoder": vars(ae_config) if hasattr(ae_config, "__dict__") else str(ae_config),
-        "trainer": result.settings, "final_loss": last_logged_loss(work / "log.txt"),
-        "wall_time_s": logged_wall_time(work / "log.txt"), "code_version": code_version(),
-        "torch": torch.__version__, "held_out": sorted(" ".join(p) for p in shapes.HELD_OUT_PAIRS)
-        + ["yellow on blue background"],
+        "data_seed": args.seed, "images": args.images, "steps": sum(stage["steps"] for stage in stages),
+        "batch_size": args.batch_size, "autoencoder": vars(ae_config), "stages": stages,
+        "wall_time_s": sum(stage["wall_time_s"] for stage in stages), "torch": torch.__version__,
+        "held_out": sorted(" ".join(p) for p in shapes.HELD_OUT_PAIRS) + ["yellow on blue background"],
     }
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     # The full log (every stage, loss and steps/s, with times, across interruptions and resumes).
     shutil.copyfile(work / "log.txt", staging / "training-log.txt")
     shutil.rmtree(args.out, ignore_errors=True)
     staging.rename(args.out)
-    say(f"wrote {args.out} ({result.steps} steps, {time.time() - started:.0f} s)")
+    say(f"wrote {args.out} ({record['steps']} steps, {time.time() - started:.0f} s)")
 
 
-def last_logged_loss(log: Path) -> float | None:
-    """The smoothed loss of the last ``step N/M loss X`` line of a build log, or None."""
-    found = None
-    for line in log.read_text(encoding="utf-8").splitlines():
-        words = line.split()
-        if len(words) > 4 and words[1] == "step" and words[3] == "loss":
-            found = float(words[4])
-    return found
+@dataclass
+class StageResult:
+    """A finished training stage: its trainer (for the EMA weights) and what ``training.json`` records."""
+
+    trainer: DenoiserTrainer
+    record: dict
 
 
-def logged_wall_time(log: Path, max_gap_s: float = 900) -> float:
-    """Seconds of work recorded in a build log: the sum of gaps between consecutive timestamped lines,
-    leaving out gaps longer than ``max_gap_s`` (the build was stopped, then resumed)."""
-    stamps = []
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            h, m, sec = (int(x) for x in line[:8].split(":"))
-        except ValueError:
-            continue
-        stamps.append(h * 3600 + m * 60 + sec)
-    total = 0.0
-    for earlier, later in zip(stamps, stamps[1:]):
-        gap = (later - earlier) % 86400
-        total += gap if gap <= max_gap_s else 0
-    return total
+def train_stage(name: str, unet, text_encoder, tokenizer, vae, noise_scheduler, data: EncodedData,
+                settings: TrainSettings, checkpoints: Path, work: Path, say) -> StageResult:
+    """Train ``unet`` and ``text_encoder`` jointly (resuming from ``checkpoints``), writing a sample grid
+    ``samples-<name>-<step>.png`` to ``work`` at every checkpoint."""
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    trainer = DenoiserTrainer(unet, text_encoder, noise_scheduler, data, settings, parameters,
+                              checkpoint_dir=checkpoints)
+    resumed = trainer.resume()
+    if resumed:
+        say(f"{name}: resumed at step {resumed}")
+    loop_start = time.time()
+
+    def on_step(report: StepReport) -> None:
+        if report.step % 50 == 0:
+            rate = (report.step - resumed) / (time.time() - loop_start)
+            say(f"{name} step {report.step}/{report.total} loss {report.loss:.4f} {rate:.2f} steps/s")
+
+    def on_save(step: int) -> None:
+        with trainer.averaged_weights():
+            pipe = make_pipeline(unet, text_encoder, tokenizer, vae, noise_scheduler.config)
+            sample_grid(pipe, SAMPLE_PROMPTS, seeds=range(4)).save(work / f"samples-{name}-{step:07d}.png")
+        unet.train()
+        text_encoder.train()
+
+    result = trainer.run(on_step=on_step, on_save=on_save)
+    record = {"stage": name, "steps": result.steps, "trainer": result.settings, "final_loss": round(result.loss, 4),
+              "wall_time_s": round(time.time() - loop_start), "resumed_from": resumed, "code_version": code_version()}
+    return StageResult(trainer, record)
+
+
+def save_pipeline(trainer: DenoiserTrainer, unet, text_encoder, tokenizer, vae, scheduler_config, folder: Path) -> None:
+    """Write the trainer's EMA weights as a safetensors pipeline folder (replacing ``folder``)."""
+    with trainer.averaged_weights():
+        pipe = make_pipeline(unet.eval(), text_encoder.eval(), tokenizer, vae, dict(scheduler_config))
+        shutil.rmtree(folder, ignore_errors=True)
+        pipe.save_pretrained(folder, safe_serialization=True)
 
 
 def sample_grid(pipe, prompts: list[str], seeds, steps: int = 20, guidance: float = 4.0):

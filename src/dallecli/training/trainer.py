@@ -43,7 +43,14 @@ class TrainSettings:
         caption_dropout: probability of replacing a caption by the empty one (trains classifier-free guidance).
         ema_max_decay: keep an exponential moving average of the trained weights with this maximal decay
             (warm-up as in diffusers' ``EMAModel``), or None.
-        snr_gamma: Min-SNR-gamma loss weighting, or None for plain MSE.
+        snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+            Weighting Strategy"), or None for plain MSE.
+        snr_floor: with ``snr_gamma``, the per-sample weight in x0 terms never drops below this: Min-SNR gives
+            the noisiest timesteps almost no weight (none at zero terminal SNR), yet that is where the layout of
+            an image is decided from the prompt alone. A floor of 1 is the "truncated SNR" weighting of
+            Salimans & Ho 2022 ("Progressive Distillation for Fast Sampling of Diffusion Models"). None: no floor.
+        high_noise_fraction: share (0-1) of the samples whose timestep is drawn from the noisiest fifth of the
+            schedule instead of uniformly (as diffusers' ``timestep_bias_strategy="later"``); 0 keeps uniform.
         max_grad_norm: gradient clipping norm.
         save_every: steps between checkpoints (0: only at the end).
     """
@@ -59,6 +66,8 @@ class TrainSettings:
     caption_dropout: float = 0.0
     ema_max_decay: float | None = None
     snr_gamma: float | None = 5.0
+    snr_floor: float | None = None
+    high_noise_fraction: float = 0.0
     max_grad_norm: float = 1.0
     save_every: int = 0
 
@@ -106,14 +115,40 @@ class TrainResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for ``timesteps`` (B,), matching the scheduler's prediction type."""
+HIGH_NOISE_START = 0.8  # "noisiest fifth": timesteps from 0.8 T to T - 1
+
+
+def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, floor: float | None = None) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (B,) for ``timesteps`` (B,), matching the scheduler's prediction type.
+
+    In x0 terms the weight is ``min(SNR, gamma)``, raised to ``floor`` where given; it is divided by
+    ``SNR + 1`` for v-prediction and by ``SNR`` for epsilon-prediction, whose losses carry those factors.
+
+    Raises:
+        ValueError: ``floor`` with epsilon-prediction (the weight would be unbounded at zero SNR).
+    """
     alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod).clamp(min=1e-8)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    weight = torch.minimum(snr, torch.full_like(snr, gamma))
+    if floor is not None:
+        if scheduler.config.prediction_type != "v_prediction":
+            raise ValueError("snr_floor needs a v-prediction model")
+        weight = weight.clamp(min=floor)
     if scheduler.config.prediction_type == "v_prediction":
-        return clipped / (snr + 1)
-    return clipped / snr.clamp(min=1e-8)
+        return weight / (snr + 1)
+    return weight / snr.clamp(min=1e-8)
+
+
+def sample_timesteps(total: int, count: int, high_noise_fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """``count`` training timesteps (int64) in [0, total): uniform, except that a ``high_noise_fraction``
+    share of them (each sample independently) comes uniformly from the noisiest fifth, [0.8 total, total)."""
+    timesteps = torch.randint(0, total, (count,), generator=generator)
+    if high_noise_fraction > 0:
+        start = int(total * HIGH_NOISE_START)
+        noisiest = torch.randint(start, total, (count,), generator=generator)
+        chosen = torch.rand(count, generator=generator) < high_noise_fraction
+        timesteps = torch.where(chosen, noisiest, timesteps)
+    return timesteps
 
 
 class DenoiserTrainer:
@@ -251,8 +286,8 @@ class DenoiserTrainer:
     def _loss(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         scheduler = self.noise_scheduler
         noise = torch.randn(latents.shape, generator=self.generator).to(latents.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=self.generator).to(latents.device)
+        timesteps = sample_timesteps(scheduler.config.num_train_timesteps, latents.shape[0],
+                                     self.settings.high_noise_fraction, self.generator).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) \
             if scheduler.config.prediction_type == "v_prediction" else noise
@@ -265,7 +300,7 @@ class DenoiserTrainer:
             prediction = self.unet(noisy, timesteps, hidden).sample  # (B, C, h, w)
         error = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         if self.settings.snr_gamma is not None:
-            error = error * snr_weights(scheduler, timesteps, self.settings.snr_gamma)
+            error = error * snr_weights(scheduler, timesteps, self.settings.snr_gamma, self.settings.snr_floor)
         return error.mean()
 
     def run(self, on_step: Callable[[StepReport], None] | None = None,
