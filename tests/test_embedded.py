@@ -45,6 +45,17 @@ def test_red_prompt_gives_a_red_circle_with_metadata():
     assert (settings.model, settings.steps, settings.width, settings.seed) == ("shapes", 12, 64, 0)
 
 
+def test_position_words_move_the_object():
+    # same seeds, only the position words differ: the starting noise must not decide where the object goes
+    engine = Engine(None)
+    found = {}
+    for where in ("top left", "bottom right"):
+        request = GenerationRequest(f"a small blue square in the {where} corner on a white background",
+                                    num_images=3, seed=11)
+        found[where] = [detect(r.image).position for r in engine.generate(request)]
+    assert found == {"top left": ["top left"] * 3, "bottom right": ["bottom right"] * 3}
+
+
 def test_unknown_words_do_not_crash():
     engine = Engine(None)
     [result] = engine.generate(GenerationRequest("a zebra astronaut 東京 ★", seed=1))
@@ -58,3 +69,4 @@ def test_adherence_in_distribution():
     result = evaluate(None, per_category=30)
     assert result["in_distribution"]["colour"]["accuracy"] >= 0.9
     assert result["in_distribution"]["shape"]["accuracy"] >= 0.85
+    assert result["in_distribution"]["position"]["accuracy"] >= 0.8

@@ -102,8 +102,9 @@ def render_dataset(count: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def code_version() -> str:
+    """The commit of this code (with "-dirty" when the working tree has uncommitted changes), or "unknown"."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
