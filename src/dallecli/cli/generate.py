@@ -30,7 +30,7 @@ def generate(
     model: Model = None,
     scheduler: Scheduler = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass; changes no pixel by more than 1 level.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1: any image reproducible alone, bit for bit); larger is faster, pixels may move by 1 level.")] = None,
     device: Device = None,
     dtype: Dtype = None,
     vae: Vae = None,
@@ -85,7 +85,7 @@ def generate(
     engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
                     vae=vae, low_memory=low_memory)
     planned, _ = engine.plan(request)
-    report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size or 4, planned.num_images),
+    report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size or 1, planned.num_images),
                                        planned.guidance_scale > 1))
     written: list[dict] = []
     with step_progress(planned.num_images * planned.steps, "generating") as bar:

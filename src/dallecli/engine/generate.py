@@ -275,9 +275,10 @@ class Engine:
         """Make the requested images, yielding each as soon as its batch is decoded.
 
         Initial noise for image i comes from a CPU ``torch.Generator`` seeded with its own seed, so an image
-        depends only on its settings and seed, not on ``num_images`` or ``batch_size``, up to float rounding:
-        a different batch shape changes the summation order of the matrix products, which can move a pixel
-        by one 8-bit level (0–255 scale). The same request with the same batch shape is bit-identical.
+        depends only on its settings and seed, not on ``num_images``. With the default ``batch_size`` of 1,
+        image k of a run is bit-identical to a run of that image alone. A larger ``batch_size`` is faster but
+        changes the summation order of the matrix products, which can move a pixel by one 8-bit level
+        (0–255 scale) against another batch size; the same batch size is bit-identical.
 
         Args:
             request: the request; ``None`` fields take the model's defaults.
@@ -296,7 +297,7 @@ class Engine:
         scheduler = self._use_scheduler(request.scheduler)
         loras = self._use_loras(request.loras)
         check, warnings = self.prompt_warnings(request)
-        batch_size = request.batch_size or min(request.num_images, 4)
+        batch_size = request.batch_size or 1  # one image per pass: each is reproducible alone, bit for bit
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             images = self._run_pass([request.prompt] * len(chunk), chunk, request, on_step)

@@ -30,7 +30,8 @@ class GenerationRequest:
         guidance_scale: classifier-free guidance scale, >= 0; 0 (or <= 1) turns guidance off.
         width, height: image size in pixels, multiples of 8.
         scheduler: a name from :data:`dallecli.engine.schedulers.SCHEDULERS`, or None for the model's own.
-        batch_size: images per forward pass (does not change any image's pixels).
+        batch_size: images per forward pass (None: 1, so each image is reproducible alone bit for bit;
+            larger is faster and may move a pixel by one 8-bit level against another batch size).
         loras: LoRAs to apply, in order.
     """
 
