@@ -159,6 +159,26 @@ def test_full_finetune_writes_a_loadable_pipeline(tiny_pipeline, tmp_path):
     assert image.image.size == (32, 32)
 
 
+def test_text_encoder_lora_trains_saves_and_applies(tiny_pipeline, tmp_path):
+    """--train-text-encoder: the LoRA holds text-encoder tensors and changes the image when applied."""
+    from dallecli.engine.generate import Engine
+    from dallecli.engine.request import GenerationRequest, LoraSpec
+    from dallecli.training.finetune import finetune
+
+    result = finetune(_config(tiny_pipeline, tmp_path / "te", steps=2, train_text_encoder=True))
+    keys = list(load_file(result.lora))
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+    engine = Engine(str(tiny_pipeline), "cpu", "float32")
+
+    def pixels(*loras):
+        image = next(engine.generate(GenerationRequest(CAPTION, seed=0, steps=2, loras=tuple(loras))))
+        return np.asarray(image.image).astype(np.int32)
+
+    base = pixels()
+    assert np.abs(pixels(LoraSpec(str(result.lora), 1.0)) - base).mean() > 0
+    assert np.array_equal(pixels(LoraSpec(str(result.lora), 0.0)), base)
+
+
 def test_bad_options_fail_before_loading(tmp_path):
     result = run_dalle("finetune", str(PHOTOS), "--output", str(tmp_path / "o"), "--resolution", "30")
     assert result.returncode == 2 and "--resolution 30" in result.stderr

@@ -66,7 +66,9 @@ def test_long_prompt_warns_once_and_records_truncation_case_c01(tiny_pipeline):
     assert short[0].warnings == [] and short[0].settings.truncation is None
 
 
-def test_nan_output_writes_nothing_and_names_the_fix_case_c02(tiny_pipeline, tmp_path):
+@pytest.mark.parametrize(("dtype", "advice"), [("bfloat16", "--dtype float32"), ("float32", "weights may hold NaN")])
+def test_nan_output_writes_nothing_and_names_the_fix_case_c02(tiny_pipeline, tmp_path, dtype, advice):
+    # in a half precision the fix is float32; already in float32 that advice would be wrong
     import shutil
 
     import torch
@@ -78,8 +80,20 @@ def test_nan_output_writes_nothing_and_names_the_fix_case_c02(tiny_pipeline, tmp
     state = load_file(weights)
     state["decoder.conv_out.bias"] = torch.full_like(state["decoder.conv_out.bias"], float("nan"))
     save_file(state, weights)
-    with pytest.raises(NonFiniteOutputError, match="--dtype float32"):
-        list(Engine(str(broken)).generate(GenerationRequest("a cat", seed=0, **SMALL)))
+    with pytest.raises(NonFiniteOutputError, match=advice):
+        list(Engine(str(broken), "cpu", dtype).generate(GenerationRequest("a cat", seed=0, **SMALL)))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("guidance_scale", float("nan"), "--guidance must be between 0 and 100"),
+    ("guidance_scale", float("inf"), "--guidance must be between 0 and 100"),
+    ("steps", 1001, "--steps must be between 1 and 1000"),
+])
+def test_out_of_range_steps_and_guidance_are_usage_errors(field, value, message):
+    from dallecli.engine.request import validate_request
+
+    with pytest.raises(UsageError, match=message):
+        validate_request(GenerationRequest("a cat", **{field: value}))
 
 
 @pytest.mark.parametrize("name", ["dpm++", "dpm++-karras", "euler", "euler-a"])
@@ -133,7 +147,8 @@ def test_bad_requests_are_usage_errors(tiny_pipeline):
             list(engine.generate(bad))
 
 
-def test_out_of_memory_has_its_own_exit_code_and_says_what_to_lower_case_c12(tiny_pipeline, monkeypatch):
+@pytest.mark.parametrize("raised", ["cuda", "cpu"])
+def test_out_of_memory_has_its_own_exit_code_and_says_what_to_lower_case_c12(tiny_pipeline, monkeypatch, raised):
     import torch
 
     from dallecli.errors import OutOfMemoryError
@@ -141,7 +156,10 @@ def test_out_of_memory_has_its_own_exit_code_and_says_what_to_lower_case_c12(tin
     engine = Engine(str(tiny_pipeline))
 
     def exhausted(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if raised == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        # what torch's CPU allocator raises (seen with --width 8192 --height 8192)
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8796093022208 bytes")
 
     monkeypatch.setattr(type(engine.pipe), "__call__", exhausted)
     with pytest.raises(OutOfMemoryError) as info:

@@ -32,10 +32,11 @@ def default_mode(path: Path, directory: bool = False) -> None:
 
 
 def prepare_output_folder(folder: Path, option: str = "--out") -> Path:
-    """Check, before any model loads, that ``folder`` is or can become a writable folder (nothing is created).
+    """Check, before any model loads, that ``folder`` is or can become a writable folder (nothing is left
+    created: a missing folder is made and removed again, which catches file systems that refuse it).
 
     Raises:
-        UsageError: it is a file, or its nearest existing parent is a file or not writable.
+        UsageError: it is a file, its nearest existing parent is a file or not writable, or it cannot be created.
     """
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{option} {folder} is a file, not a folder")
@@ -46,6 +47,15 @@ def prepare_output_folder(folder: Path, option: str = "--out") -> Path:
         raise UsageError(f"{option} {folder} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {folder} is not writable")
+    if not folder.exists():  # some file systems (/proc, /sys) pass the access check and refuse mkdir
+        try:
+            folder.mkdir(parents=True)
+        except OSError as exc:
+            raise UsageError(f"{option} {folder} cannot be created: {exc.strerror or exc}") from None
+        created = folder
+        while created != existing:  # leave nothing behind: the run creates it when it writes
+            created.rmdir()
+            created = created.parent
     return folder
 
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dallecli.engine.request import MAX_SEED, nearest_multiples
+from dallecli.engine.request import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, nearest_multiples
 from dallecli.errors import UsageError
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
@@ -252,8 +251,8 @@ def _check_settings(settings: dict, *, from_text: bool) -> dict:
             continue
         if name == "guidance":
             number = _to_float(name, value, from_text)
-            if not math.isfinite(number) or number < 0:
-                raise ValueError(f"guidance must be 0 or more, got {value!r}")
+            if not 0 <= number <= MAX_GUIDANCE:  # NaN fails this too
+                raise ValueError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {value!r}")
             checked[name] = number
             continue
         number = _to_int(name, value, from_text)
@@ -261,8 +260,8 @@ def _check_settings(settings: dict, *, from_text: bool) -> dict:
             raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {number}")
         if name == "n" and not 1 <= number <= MAX_IMAGES_PER_ROW:
             raise ValueError(f"n must be between 1 and {MAX_IMAGES_PER_ROW}, got {number}")
-        if name == "steps" and number < 1:
-            raise ValueError(f"steps must be at least 1, got {number}")
+        if name == "steps" and not 1 <= number <= MAX_STEPS:
+            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {number}")
         if name in ("width", "height"):
             if not 8 <= number <= 8192:
                 raise ValueError(f"{name} {number} is out of range (8-8192 pixels)")

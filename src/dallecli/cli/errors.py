@@ -1,6 +1,6 @@
 """The one place where errors become a one-line message on stderr and an exit code.
 
-Exit codes: 1 runtime error, 2 usage error, 3 out of memory, 130 interrupted (Ctrl-C).
+Exit codes: 1 runtime error (file-system errors included), 2 usage error, 3 out of memory, 130 interrupted (Ctrl-C).
 ``DALLE_DEBUG=1`` re-raises so the traceback shows.
 """
 
@@ -30,6 +30,12 @@ def handles_errors(command):
                 raise
             err().print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # the file system refused something the checks could not foresee
+            if debug_enabled():
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            err().print(f"error: {exc.strerror or exc}{where}", markup=False)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise

@@ -248,12 +248,18 @@ class Engine:
                 )
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
+        except (RuntimeError, MemoryError) as exc:
+            message = str(exc).lower()
+            if isinstance(exc, MemoryError) or "out of memory" in message or "can't allocate memory" in message:
                 raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
             raise
         images = output.images  # (B, 3, H, W) in [0, 1]
         if not torch.isfinite(images).all():
+            if self.dtype == "float32":
+                raise NonFiniteOutputError(
+                    "the decoded image contains NaN/Inf values in float32; nothing was written. The model's "
+                    "weights may hold NaN/Inf, or a LoRA scale is too large"
+                )
             raise NonFiniteOutputError(
                 f"the decoded image contains NaN/Inf values (in {self.dtype} the VAE can overflow: this is "
                 "what turns into an all-black image); nothing was written. Use --dtype float32 "

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from dallecli.errors import UsageError
 
 MAX_SEED = 2**32 - 1
+MAX_STEPS = 1000  # the training timesteps of every supported schedule; schedulers refuse more steps
+MAX_GUIDANCE = 100.0  # far above any useful guidance scale (1-20); catches typos, inf and NaN
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,8 @@ class GenerationRequest:
         negative_prompt: what to steer away from (only has an effect with guidance_scale > 1).
         num_images: images to make, >= 1.
         seed: seed of image 0; image i gets ``seed + i``. None draws a random seed (recorded).
-        steps: ``num_inference_steps``, >= 1.
-        guidance_scale: classifier-free guidance scale, >= 0; 0 (or <= 1) turns guidance off.
+        steps: ``num_inference_steps``, 1 to :data:`MAX_STEPS`.
+        guidance_scale: classifier-free guidance scale, 0 to :data:`MAX_GUIDANCE`; 0 (or <= 1) turns guidance off.
         width, height: image size in pixels, multiples of 8.
         scheduler: a name from :data:`dallecli.engine.schedulers.SCHEDULERS`, or None for the model's own.
         batch_size: images per forward pass (None: 1, so each image is reproducible alone bit for bit;
@@ -110,9 +112,11 @@ def validate_request(request: GenerationRequest) -> None:
         raise UsageError(f"-n/--num-images must be at least 1 (got {request.num_images})")
     if request.batch_size is not None and request.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {request.batch_size})")
-    if request.steps is not None and request.steps < 1:
-        raise UsageError(f"--steps must be at least 1 (got {request.steps})")
-    if request.guidance_scale is not None and request.guidance_scale < 0:
-        raise UsageError(f"--guidance must be 0 or more (got {request.guidance_scale})")
+    if request.steps is not None and not 1 <= request.steps <= MAX_STEPS:
+        raise UsageError(f"--steps must be between 1 and {MAX_STEPS}, the diffusion's training timesteps "
+                         f"(got {request.steps})")
+    if request.guidance_scale is not None and not 0 <= request.guidance_scale <= MAX_GUIDANCE:
+        # NaN fails this comparison too: it would be written into metadata and JSON
+        raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g} (got {request.guidance_scale})")
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.num_images + 1:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED - request.num_images + 1} (got {request.seed})")

@@ -308,8 +308,15 @@ def _add_lora(pipe, config: FinetuneConfig) -> list:
     pipe.unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                      target_modules=UNET_TARGETS))
     if config.train_text_encoder:
-        pipe.text_encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                                 target_modules=TEXT_ENCODER_TARGETS))
+        # peft directly, not transformers' ``add_adapter``: transformers 5 refuses every peft release before
+        # 0.22 there, although peft's own injection works with them. ``peft_config`` is what
+        # ``get_peft_model_state_dict`` and diffusers' LoRA saving read.
+        from peft import inject_adapter_in_model
+
+        te_config = LoraConfig(r=config.rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                               target_modules=TEXT_ENCODER_TARGETS)
+        inject_adapter_in_model(te_config, pipe.text_encoder)
+        pipe.text_encoder.peft_config = {"default": te_config}
     params = [p for p in pipe.unet.parameters() if p.requires_grad]
     if config.train_text_encoder:
         params += [p for p in pipe.text_encoder.parameters() if p.requires_grad]
