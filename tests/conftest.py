@@ -85,6 +85,14 @@ def fresh_engine_cache():
     clear_cache()
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for children that a test interrupts: a shell's background job (how some CI runners start
+    the suite) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_dalle(*args: str, env: dict | None = None, timeout: float = 300, input: str | None = None):
     """Run the real ``dalle`` entry point in a subprocess; returns CompletedProcess (text)."""
     full_env = dict(os.environ, **(env or {}))

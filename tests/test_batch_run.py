@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import run_dalle
+from conftest import default_sigint, run_dalle
 from dallecli.cli.app import app
 from dallecli.engine.generate import Engine
 
@@ -242,7 +242,7 @@ def test_sigint_exits_130_and_the_next_run_resumes(tiny_pipeline, tmp_path):
     (tmp_path / "p.txt").write_text("".join(f"a red circle {i}\n" for i in range(16)))
     args = [sys.executable, "-m", "dallecli", "batch", "p.txt",
             *tiny(tiny_pipeline, "--batch-size", "1", "--out", "out", "--seed", "0")]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     first = proc.stdout.readline()  # the first image is written
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

@@ -10,7 +10,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from conftest import run_dalle
+from conftest import default_sigint, run_dalle
 
 
 def test_help_does_not_import_torch_or_diffusers():
@@ -65,7 +65,7 @@ def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file_case_c17(tiny_p
     process = subprocess.Popen(
         [sys.executable, "-m", "dallecli", "generate", "a cat", "-n", "40", "--batch-size", "1", "--seed", "1",
          "--steps", "4", "--model", str(tiny_pipeline), "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ), preexec_fn=default_sigint,
     )
     deadline = time.time() + 240
     while time.time() < deadline and not [p for p in out.glob("*.png") if not p.name.startswith(".")]:
