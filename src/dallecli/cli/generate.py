@@ -85,7 +85,7 @@ def generate(
     engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
                     vae=vae, low_memory=low_memory)
     planned, _ = engine.plan(request)
-    report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size or 1, planned.num_images),
+    report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size, planned.num_images),
                                        planned.guidance_scale > 1))
     written: list[dict] = []
     with step_progress(planned.num_images * planned.steps, "generating") as bar:

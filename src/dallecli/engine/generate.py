@@ -9,7 +9,8 @@ from pathlib import Path
 
 from dallecli import __version__
 from dallecli.engine.device import float32_weight_bytes, resolve_device, resolve_dtype
-from dallecli.engine.loading import default_size, load_pipeline, load_vae, pipeline_class_name, with_vae
+from dallecli.engine.loading import (component_class_name, default_size, load_pipeline, load_vae, pipeline_class_name,
+                                     with_vae)
 from dallecli.engine.memory import MemoryChoice, apply_memory_mode, available_bytes, choose_low_memory, estimate_bytes
 from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, validate_request
 from dallecli.engine.schedulers import make_scheduler, scheduler_name, validate_scheduler
@@ -96,7 +97,7 @@ class Engine:
         if vae in (None, "", "full", "default"):
             return None
         if vae == "tiny":
-            own = _component_class(self.model.path / "vae")
+            own = component_class_name(self.model.path / "vae")
             if own == "AutoencoderTiny":
                 return None  # the model's own VAE is already a tiny one (the embedded model)
             family = PIPELINE_FAMILIES.get(pipeline_class_name(self.model.path) or "") or (
@@ -155,7 +156,8 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
-        """Validate, fill defaults, and fix the seed of every image (image i gets seed + i).
+        """Validate, fill defaults (the model's; ``batch_size`` 1, so that each image is reproducible alone,
+        bit for bit), and fix the seed of every image (image i gets seed + i).
 
         Raises:
             UsageError: see :func:`dallecli.engine.request.validate_request`.
@@ -165,7 +167,7 @@ class Engine:
         request = request.with_defaults(self.defaults())
         validate_request(request)
         seed = request.seed if request.seed is not None else random_seed()
-        request = replace(request, seed=seed)
+        request = replace(request, seed=seed, batch_size=request.batch_size or 1)
         return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
 
     def _use_loras(self, loras) -> list[dict]:
@@ -303,7 +305,7 @@ class Engine:
         scheduler = self._use_scheduler(request.scheduler)
         loras = self._use_loras(request.loras)
         check, warnings = self.prompt_warnings(request)
-        batch_size = request.batch_size or 1  # one image per pass: each is reproducible alone, bit for bit
+        batch_size = request.batch_size
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
             images = self._run_pass([request.prompt] * len(chunk), chunk, request, on_step)
@@ -351,16 +353,6 @@ class Engine:
             settings = self._settings(prompt, seed, request, scheduler, loras, check)
             results.append(GeneratedImage(to_pil(images[index]), settings, index, warnings))
         return results
-
-
-def _component_class(folder: Path) -> str | None:
-    """``_class_name`` from a component folder's ``config.json`` (None when absent or unreadable)."""
-    import json
-
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError):
-        return None
 
 
 def to_pil(image):

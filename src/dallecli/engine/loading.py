@@ -37,12 +37,22 @@ def quiet_libraries() -> None:
         pass
 
 
-def pipeline_class_name(folder: Path) -> str | None:
-    """``_class_name`` from a folder's ``model_index.json`` (None when absent or unreadable)."""
+def _class_name_in(config: Path) -> str | None:
+    """``_class_name`` from a diffusers JSON config file (None when absent or unreadable)."""
     try:
-        return json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
+        return json.loads(config.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError):
         return None
+
+
+def pipeline_class_name(folder: Path) -> str | None:
+    """``_class_name`` from a pipeline folder's ``model_index.json`` (None when absent or unreadable)."""
+    return _class_name_in(folder / "model_index.json")
+
+
+def component_class_name(folder: Path) -> str | None:
+    """``_class_name`` from a component folder's ``config.json`` (None when absent or unreadable)."""
+    return _class_name_in(folder / "config.json")
 
 
 def default_size(folder: Path) -> int | None:
