@@ -11,48 +11,54 @@ from dataclasses import asdict, dataclass
 EMBEDDED = "shapes"
 
 
+KINDS = ("pipeline", "vae", "tiny-vae", "lora")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One registry entry.
 
     Attributes:
-        alias: the short name users type (``dalle generate --model ALIAS``).
+        alias: the short name users type (``dalle generate --model ALIAS``, ``dalle download ALIAS``).
         repo_id: Hugging Face Hub repo id, or None for the embedded model.
-        family: pipeline family ("stable-diffusion", "sdxl", "sd3", "flux", "pixart").
-        steps: default ``num_inference_steps``.
+        family: pipeline family ("stable-diffusion", "sdxl", "sd3", "flux", "pixart"); for a VAE, tiny VAE or
+            LoRA entry, the family of the pipelines it fits.
+        kind: "pipeline"; "vae" (a replacement VAE, e.g. an fp16-safe one); "tiny-vae" (a TAESD decoder for
+            ``--vae tiny``); or "lora" (a LoRA file for ``--lora NAME``).
+        steps: default ``num_inference_steps`` (pipelines only).
         guidance: default guidance scale (0 turns classifier-free guidance off).
         width, height: default image size in pixels.
-        dtype: recommended dtype on CUDA ("float16" or "bfloat16"); CPU and MPS follow the device policy.
+        dtype: the half precision the weights were released in. A "bfloat16" model (T5 text encoder, MMDiT/DiT)
+            overflows float16, so on a CUDA GPU without bfloat16 it runs in float32 instead of float16.
         gated: whether the Hub repo asks users to accept a licence first.
         licence: licence name.
-        size_gb: approximate download size of what the pipeline loads, GB.
+        size_gb: download size of what ``dalle download`` fetches from the real repo, GB (decimal).
         note: one line for ``dalle models``.
         variant: weights variant to download (e.g. "fp16"), or None for the default files.
-        vae_repo: a replacement VAE repo (e.g. an fp16-safe one), or None.
-        decodes: for a decoder-only entry (family "tiny-vae", used by ``--vae tiny``), the pipeline families
-            whose latents it decodes; empty for pipelines.
+        vae: alias of a "vae" entry that replaces the model's own VAE in float16 (SDXL's VAE overflows
+            float16; the fp16-fix VAE does not), or None. ``dalle download`` fetches it with the model.
     """
 
     alias: str
     repo_id: str | None
     family: str
-    steps: int
-    guidance: float
-    width: int
-    height: int
+    kind: str = "pipeline"
+    steps: int = 0
+    guidance: float = 0.0
+    width: int = 0
+    height: int = 0
     dtype: str = "float16"
     gated: bool = False
     licence: str = ""
     size_gb: float = 0.0
     note: str = ""
     variant: str | None = None
-    vae_repo: str | None = None
-    decodes: tuple[str, ...] = ()
+    vae: str | None = None
 
     @property
-    def is_decoder(self) -> bool:
-        """True for a VAE-only entry (no pipeline, no generation defaults)."""
-        return bool(self.decodes)
+    def is_pipeline(self) -> bool:
+        """True for a text-to-image pipeline (False for VAE, tiny VAE and LoRA entries)."""
+        return self.kind == "pipeline"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -66,15 +72,14 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in (
               height=512, licence="stabilityai-ai-community", size_gb=2.6, variant="fp16",
               note="SD 2.1 distilled for 1-4 steps; fast general-purpose start"),
     ModelSpec("sdxl-turbo", "stabilityai/sdxl-turbo", "sdxl", steps=1, guidance=0.0, width=512, height=512,
-              licence="stabilityai-ai-community", size_gb=6.9, variant="fp16",
+              licence="stabilityai-ai-community", size_gb=6.9, variant="fp16", vae="sdxl-vae-fp16-fix",
               note="SDXL distilled for 1-4 steps at 512x512"),
     ModelSpec("sd-1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5", "stable-diffusion", steps=30,
-              guidance=7.5, width=512, height=512, licence="creativeml-openrail-m", size_gb=2.6,
+              guidance=7.5, width=512, height=512, licence="creativeml-openrail-m", size_gb=2.1,
               variant="fp16", note="the classic; the base most community LoRAs target"),
     ModelSpec("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "sdxl", steps=30, guidance=5.0, width=1024,
-              height=1024, licence="openrail++", size_gb=6.9, variant="fp16",
-              vae_repo="madebyollin/sdxl-vae-fp16-fix",
-              note="SDXL base 1.0; uses the fp16-fix VAE in half precision"),
+              height=1024, licence="openrail++", size_gb=6.9, variant="fp16", vae="sdxl-vae-fp16-fix",
+              note="SDXL base 1.0; uses the fp16-fix VAE in float16"),
     ModelSpec("sd-3.5-medium", "stabilityai/stable-diffusion-3.5-medium", "sd3", steps=40, guidance=4.5,
               width=1024, height=1024, dtype="bfloat16", gated=True, licence="stabilityai-ai-community",
               size_gb=16.0, note="SD 3.5 Medium (MMDiT); gated: accept the licence on the model page"),
@@ -82,26 +87,52 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in (
               height=1024, dtype="bfloat16", gated=True, licence="Apache-2.0", size_gb=34.0,
               note="FLUX.1 schnell, 4 steps; needs a large GPU; gated: accept the terms on the model page"),
     ModelSpec("pixart-sigma", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "pixart", steps=20, guidance=4.5,
-              width=1024, height=1024, licence="openrail++", size_gb=21.0,
+              width=1024, height=1024, dtype="bfloat16", licence="openrail++", size_gb=21.0,
               note="PixArt-Sigma (DiT with T5 text encoder)"),
-    # segmind/tiny-sd ships its weights only as pickles (.bin) on main; BK-SDM-Tiny is the same block-removal
-    # distillation (arXiv 2305.15798) with .safetensors and fp16 variants for every component.
-    ModelSpec("tiny-sd", "nota-ai/bk-sdm-tiny", "stable-diffusion", steps=25, guidance=7.5, width=512, height=512,
-              dtype="float16", licence="creativeml-openrail-m", size_gb=1.7, variant="fp16",
+    # BK-SDM-Tiny (arXiv 2305.15798) is nota-ai's block-removal distillation of SD 1.4, with .safetensors and
+    # fp16 variants for every component. It is not segmind/tiny-sd (pickle-only weights), hence the alias.
+    ModelSpec("bk-sdm-tiny", "nota-ai/bk-sdm-tiny", "stable-diffusion", steps=25, guidance=7.5, width=512,
+              height=512, licence="creativeml-openrail-m", size_gb=1.7, variant="fp16",
               note="BK-SDM-Tiny: distilled SD 1.4 (~55% smaller UNet); the most CPU-friendly real model"),
+    # Replacement VAEs: downloaded with the pipelines that name them (``vae``), or alone.
+    ModelSpec("sdxl-vae-fp16-fix", "madebyollin/sdxl-vae-fp16-fix", "sdxl", kind="vae", licence="MIT",
+              size_gb=0.33, note="SDXL VAE fine-tuned not to overflow in float16 (used by sdxl, sdxl-turbo)"),
     # Tiny autoencoders (TAESD): 2.4 M-parameter decoders for fast previews, `--vae tiny`; not pipelines.
-    ModelSpec("taesd", "madebyollin/taesd", "tiny-vae", steps=0, guidance=0.0, width=0, height=0, licence="MIT",
-              size_gb=0.01, decodes=("stable-diffusion",),
+    ModelSpec("taesd", "madebyollin/taesd", "stable-diffusion", kind="tiny-vae", licence="MIT", size_gb=0.01,
               note="tiny VAE decoder for SD 1.x/2.x latents (--vae tiny): fast previews, softer detail"),
-    ModelSpec("taesdxl", "madebyollin/taesdxl", "tiny-vae", steps=0, guidance=0.0, width=0, height=0, licence="MIT",
-              size_gb=0.01, decodes=("sdxl",),
+    ModelSpec("taesdxl", "madebyollin/taesdxl", "sdxl", kind="tiny-vae", licence="MIT", size_gb=0.01,
               note="tiny VAE decoder for SDXL latents (--vae tiny): fast previews, softer detail"),
+    # LoRAs: `dalle download NAME`, then `--lora NAME[:SCALE]`.
+    ModelSpec("lcm-lora-sdv1-5", "latent-consistency/lcm-lora-sdv1-5", "stable-diffusion", kind="lora",
+              licence="openrail++", size_gb=0.13,
+              note="LCM-LoRA for SD 1.5: 2-8 steps with --scheduler lcm --guidance 1 (arXiv 2311.05556)"),
 )}
+
+# Names that changed, with the one-line notice shown when the old one is typed.
+RENAMED_ALIASES = {"tiny-sd": "bk-sdm-tiny"}
+# Hub repos that were deleted or moved; the Hub answers 401 "Repository Not Found" for the old id, which users
+# misread as a login problem.
+MOVED_REPOS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+def canonical_name(name: str) -> tuple[str, str | None]:
+    """Map a renamed alias or a moved Hub repo id to its current name.
+
+    Returns:
+        ``(name to use, one-line notice or None)``; names that did not change come back as they are.
+    """
+    if name in RENAMED_ALIASES:
+        new = RENAMED_ALIASES[name]
+        return new, f"'{name}' is now called '{new}' (nota-ai's BK-SDM-Tiny, not segmind/tiny-sd)"
+    moved = next((new for old, new in MOVED_REPOS.items() if old.lower() == name.lower()), None)
+    if moved is not None:
+        return moved, f"{name} was deleted from the Hub (2024-08); using its official copy {moved}"
+    return name, None
 
 
 def tiny_decoder_for(family: str) -> ModelSpec | None:
     """The registry's tiny VAE (``--vae tiny``) for a pipeline family, or None when there is none."""
-    return next((s for s in REGISTRY.values() if family in s.decodes), None)
+    return next((s for s in REGISTRY.values() if s.kind == "tiny-vae" and s.family == family), None)
 
 GENERIC_DEFAULTS = {"steps": 25, "guidance": 7.0, "width": 512, "height": 512}
 FAMILY_DEFAULTS = {
@@ -121,7 +152,8 @@ PIPELINE_FAMILIES = {
 
 
 def lookup(name: str) -> ModelSpec | None:
-    """The registry entry for an alias or for its Hub repo id, or None."""
+    """The registry entry for an alias or for its Hub repo id (renamed and moved names included), or None."""
+    name = canonical_name(name)[0]
     if name in REGISTRY:
         return REGISTRY[name]
     return next((s for s in REGISTRY.values() if s.repo_id and s.repo_id.lower() == name.lower()), None)
