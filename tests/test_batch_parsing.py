@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import SHARED
+from conftest import DATA
 from dallecli.batch.manifest import append_record, finished_images, read_records, start_run
 from dallecli.batch.plan import (BatchOptions, Shard, group_batches, image_seed, parse_shard, plan_jobs,
                                  shard_from_env, split_finished, validate_options)
@@ -23,7 +23,7 @@ def prompts_of(parsed):
 
 # -- .txt ------------------------------------------------------------------------------------------------
 def test_c09_bom_crlf_comments_quotes_no_final_newline():
-    parsed = read_prompt_file(SHARED / "cases" / "prompts-bom-crlf.txt")
+    parsed = read_prompt_file(DATA / "cases" / "prompts-bom-crlf.txt")
     assert prompts_of(parsed) == ["a cat", "a dog's \"red\" hat"]
     assert [row.line for row in parsed.rows] == [1, 4]
     assert [row.row for row in parsed.rows] == [0, 1]
@@ -87,7 +87,7 @@ def test_csv_without_prompt_column_is_a_usage_error():
 
 
 def test_partiprompts_tsv_as_is():
-    parsed = read_prompt_file(SHARED / "data" / "PartiPrompts.tsv")
+    parsed = read_prompt_file(DATA / "PartiPrompts.tsv")
     assert len(parsed.rows) == 1632 and parsed.invalid == []
     assert parsed.rows[0].prompt == "bond" and parsed.rows[0].line == 2
     assert parsed.ignored_fields == ["category", "challenge", "note"]

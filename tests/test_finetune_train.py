@@ -14,10 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import SHARED, run_dalle
+from conftest import DATA, run_dalle
 from dallecli import __version__
 
-PHOTOS = SHARED / "data" / "photos"
+PHOTOS = DATA / "photos"
 CAPTION = (PHOTOS / "chelsea.txt").read_text(encoding="utf-8").strip()
 
 

@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Scheduler, Steps, Vae, Width
+from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
+                                  Scheduler, Steps, Vae, Width)
 
 MAX_LISTED = 20  # malformed rows listed before "and N more"
 
@@ -28,6 +29,8 @@ def batch(
     height: Height = None,
     negative_prompt: NegativePrompt = None,
     model: Model = None,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder for the images and manifest.jsonl (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass, across prompts with the same settings; seeds do not depend on it.")] = 4,
@@ -80,7 +83,9 @@ def batch(
         if resolve_device("auto") == "cuda":  # one process per GPU under torchrun/accelerate
             device = f"cuda:{os.environ['LOCAL_RANK']}"
     engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
-                    vae=vae, low_memory=low_memory)
+                    cache_dir, vae=vae, low_memory=low_memory, revision=revision)
+    for notice in engine.notices:
+        info(notice)
     folder = prepare_output_folder(out or default_output_dir())
     from dallecli import __version__
 

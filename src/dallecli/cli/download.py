@@ -50,28 +50,37 @@ def download(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and total size; download nothing.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
 ) -> None:
-    """Download a model from the Hugging Face Hub (only the files its pipeline loads)."""
+    """Download a model, VAE or LoRA from the Hugging Face Hub (only the files dalle loads)."""
     from dallecli.cli.console import info, out, out_json
     from dallecli.store.download import human_size, missing_bytes, plan_download
     from dallecli.store.download import download as fetch
 
     plan = plan_download(name, revision=revision, variant=variant, token=token)
+    if plan.notice:
+        info(plan.notice)
     files = [{"path": f.path, "size": f.size} for f in plan.files]
+    companions = [{"repo_id": c.repo_id, "commit": c.commit, "files": [{"path": f.path, "size": f.size} for f in c.files]}
+                  for c in plan.companions]
     if dry_run:
         if json_output:
             out_json({"repo_id": plan.repo_id, "revision": plan.revision, "commit": plan.commit,
-                      "variant": plan.variant, "files": files, "total_bytes": plan.total_bytes,
-                      "skipped": [{"path": p, "reason": r} for p, r in plan.skipped]})
+                      "variant": plan.variant, "files": files, "companions": companions,
+                      "total_bytes": plan.total_bytes, "skipped": [{"path": p, "reason": r} for p, r in plan.skipped]})
             return
-        for f in plan.files:
-            out(f"{human_size(f.size or 0):>10}  {f.path}")
-        out(f"{human_size(plan.total_bytes):>10}  total, {len(plan.files)} files ({plan.repo_id} @ {plan.commit})")
+        for part in (plan, *plan.companions):
+            prefix = "" if part is plan else f"{part.repo_id}: "
+            for f in part.files:
+                out(f"{human_size(f.size or 0):>10}  {prefix}{f.path}")
+        count = sum(len(p.files) for p in (plan, *plan.companions))
+        out(f"{human_size(plan.total_bytes):>10}  total, {count} files ({plan.repo_id} @ {plan.commit})")
+        for companion in plan.companions:
+            info(f"with {companion.repo_id} @ {companion.commit} ({companion.spec.note if companion.spec else 'VAE'})")
         for path, reason in plan.skipped:
             info(f"skipped {path}: {reason}")
         return
     needed, missing = missing_bytes(plan, cache_dir)
     if missing:
-        info(f"{plan.repo_id} @ {plan.commit}: {len(missing)} of {len(plan.files)} files, {human_size(needed)}"
+        info(f"{plan.repo_id} @ {plan.commit}: {len(missing)} file(s) missing, {human_size(needed)}"
              + (f" (variant {plan.variant})" if plan.variant else ""))
     with _byte_progress(needed) as advance:
         result = fetch(plan, token=token, cache_dir=cache_dir, on_progress=advance)
@@ -83,6 +92,6 @@ def download(
     if json_output:
         out_json({"repo_id": plan.repo_id, "name": plan.name, "revision": plan.revision, "commit": result.commit,
                   "variant": plan.variant, "path": str(result.folder), "fetched_bytes": result.fetched_bytes,
-                  "files": files})
+                  "files": files, "companions": [dict(c, path=str(r.folder)) for c, r in zip(companions, result.companions)]})
     else:
         out(str(result.folder))

@@ -15,6 +15,32 @@ from dallecli.errors import DalleError
 
 EXIT_INTERRUPTED = 130
 
+# Library exceptions that reach the CLI although the engine checks its inputs first: (module prefix, class
+# name) -> (exit code, what to do next). Matched by name along the exception's class hierarchy, so that
+# nothing here imports huggingface_hub or diffusers at start-up.
+LIBRARY_ERRORS: dict[tuple[str, str], tuple[int, str]] = {
+    ("huggingface_hub", "HFValidationError"): (2, "give a registry alias (see `dalle models`), a folder or an org/name repo id"),
+    ("huggingface_hub", "RepositoryNotFoundError"): (1, "check the name (see `dalle models`); a private or gated repo needs a token"),
+    ("huggingface_hub", "RevisionNotFoundError"): (1, "check --revision"),
+    ("huggingface_hub", "EntryNotFoundError"): (1, "the repo lacks a file dalle needs; run `dalle download NAME` again"),
+    ("huggingface_hub", "LocalEntryNotFoundError"): (1, "the model is not (fully) downloaded; run `dalle download NAME`"),
+    ("huggingface_hub", "OfflineModeIsEnabled"): (1, "unset HF_HUB_OFFLINE to reach the Hub"),
+    ("huggingface_hub", "HfHubHTTPError"): (1, "check your connection (or HF_ENDPOINT) and run the command again"),
+    ("safetensors", "SafetensorError"): (1, "the weights file is damaged; download it again"),
+}
+
+
+def library_error(exc: BaseException) -> tuple[int, str] | None:
+    """``(exit code, one-line message)`` for a known library exception, or None."""
+    for cls in type(exc).__mro__:
+        root = cls.__module__.split(".")[0]
+        hit = LIBRARY_ERRORS.get((root, cls.__name__))
+        if hit is not None:
+            code, advice = hit
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else cls.__name__
+            return code, f"{first.rstrip('.')}; {advice}"
+    return None
+
 
 def handles_errors(command):
     """Decorate a Typer command so that DalleError and Ctrl-C end it with a message and exit code."""
@@ -30,9 +56,16 @@ def handles_errors(command):
                 raise
             err().print(f"error: {exc}", markup=False)
             raise typer.Exit(exc.exit_code) from None
-        except OSError as exc:  # the file system refused something the checks could not foresee
+        except Exception as exc:  # noqa: BLE001 - only known library errors are translated; the rest re-raise
             if debug_enabled():
                 raise
+            known = library_error(exc)
+            if known is not None:
+                err().print(f"error: {known[1]}", markup=False)
+                raise typer.Exit(known[0]) from None
+            if not isinstance(exc, OSError):
+                raise
+            # the file system refused something the checks could not foresee
             where = f": {exc.filename}" if exc.filename else ""
             err().print(f"error: {exc.strerror or exc}{where}", markup=False)
             raise typer.Exit(1) from None

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
+from dallecli.cli.options import CacheDir, Revision
 
 
 class _Progress:
@@ -56,6 +57,8 @@ class _Progress:
 def finetune(
     data_dir: Annotated[Path, typer.Argument(help="Folder of images with captions (.txt/.caption, metadata.jsonl or metadata.csv).")],
     model: Annotated[Optional[str], typer.Option(help="Base model: alias, repo id or folder (default: embedded).")] = None,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
     output: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./<DATA_DIR name>-lora).")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default: the rank).")] = None,
@@ -86,7 +89,7 @@ def finetune(
     from dallecli.training.finetune import FinetuneConfig, FinetuneHooks, finetune as run_finetune
 
     config = FinetuneConfig(
-        data_dir=data_dir, output=output, model=model, rank=rank, alpha=alpha, learning_rate=learning_rate,
+        data_dir=data_dir, output=output, model=model, revision=revision, cache_dir=cache_dir, rank=rank, alpha=alpha, learning_rate=learning_rate,
         steps=steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation, seed=seed,
         resolution=resolution, center_crop=center_crop, flip=flip, caption=caption, caption_prefix=caption_prefix,
         allow_missing_captions=allow_missing_captions, train_text_encoder=train_text_encoder, full=full,

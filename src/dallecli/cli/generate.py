@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Scheduler, Steps, Vae, Width
+from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
+                                  Scheduler, Steps, Vae, Width)
 
 
 def _from_image(path: Path) -> dict:
@@ -28,6 +29,8 @@ def generate(
     height: Height = None,
     negative_prompt: NegativePrompt = None,
     model: Model = None,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1: any image reproducible alone, bit for bit); larger is faster, pixels may move by 1 level.")] = None,
@@ -83,7 +86,9 @@ def generate(
     from dallecli.engine.generate import Engine
 
     engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
-                    vae=vae, low_memory=low_memory)
+                    cache_dir, vae=vae, low_memory=low_memory, revision=revision)
+    for notice in engine.notices:
+        info(notice)
     planned, _ = engine.plan(request)
     report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size, planned.num_images),
                                        planned.guidance_scale > 1))

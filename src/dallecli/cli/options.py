@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -12,7 +13,9 @@ Width = Annotated[Optional[int], typer.Option(help="Width in pixels, a multiple 
 Height = Annotated[Optional[int], typer.Option(help="Height in pixels, a multiple of 8.")]
 NegativePrompt = Annotated[Optional[str], typer.Option(help="What to steer away from (needs guidance > 1).")]
 Model = Annotated[Optional[str], typer.Option(help="Registry alias, org/name repo id or local folder (default: embedded).")]
-Scheduler = Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, dpm++-karras, ddim, ddpm, unipc (default: the model's).")]
+Scheduler = Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, dpm++-karras, ddim, ddpm, unipc, lcm, or a diffusers class name such as PNDMScheduler (default: the model's).")]
+Revision = Annotated[Optional[str], typer.Option(help="Branch, tag or commit of a Hub model, as given to `dalle download --revision` (default: main).")]
+CacheDir = Annotated[Optional[Path], typer.Option(help="HF cache folder, as given to `dalle download --cache-dir` (default: $HF_HUB_CACHE or $HF_HOME/hub).")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")]
 Vae = Annotated[Optional[str], typer.Option(help="Decoder: full (the model's), tiny (fast previews; `dalle download taesd`), or a VAE alias/repo/folder.")]

@@ -43,7 +43,7 @@ CPU_BF16_KINDS = ("native", "avx512", None)
 
 
 def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool = False,
-                 cpu_bf16: str | None = None) -> DtypeChoice:
+                 cpu_bf16: str | None = None, model_dtype: str | None = None) -> DtypeChoice:
     """Pick the compute dtype for ``device``.
 
     Policy: an explicit request wins; CUDA gets bfloat16 where the GPU supports it (no fp16 overflow to
@@ -60,6 +60,9 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
         requested: "auto"/None or a dtype name (aliases such as "fp16" accepted).
         cuda_bf16: whether the CUDA device supports bfloat16 (compute capability 8.0+).
         cpu_bf16: the CPU's bfloat16 support, one of :data:`CPU_BF16_KINDS`.
+        model_dtype: the half precision the model was released in (the registry's ``dtype``): a "bfloat16"
+            model (T5 text encoders, MMDiT/DiT) overflows float16, so a CUDA GPU without bfloat16 runs it in
+            float32.
 
     Raises:
         UsageError: an unknown dtype name.
@@ -71,6 +74,8 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
     if kind == "cuda":
         if cuda_bf16:
             return DtypeChoice("bfloat16", "CUDA GPU with bfloat16 support")
+        if model_dtype == "bfloat16":
+            return DtypeChoice("float32", "CUDA GPU without bfloat16 support, and this model overflows float16")
         return DtypeChoice("float16", "CUDA GPU without bfloat16 support")
     if kind == "mps":
         return DtypeChoice("float32", "MPS: half precision is unreliable there")
@@ -169,17 +174,17 @@ def resolve_device(requested: str | None = None) -> str:
     return pick_device(requested, cuda=cuda, mps=mps, cuda_count=torch.cuda.device_count() if cuda else 0)
 
 
-def resolve_dtype(device: str, requested: str | None = None) -> DtypeChoice:
+def resolve_dtype(device: str, requested: str | None = None, model_dtype: str | None = None) -> DtypeChoice:
     """:func:`choose_dtype` with the hardware facts filled in from torch and the CPU flags.
 
     Args:
-        weight_bytes: the model's float32 weight bytes, when known (see :func:`float32_weight_bytes`).
+        model_dtype: the registry's ``dtype`` for the model, when it has an entry.
     """
     import torch
 
     cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     cpu_bf16 = cpu_bf16_kind() if device == "cpu" else None
-    return choose_dtype(device, requested, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16)
+    return choose_dtype(device, requested, cuda_bf16=cuda_bf16, cpu_bf16=cpu_bf16, model_dtype=model_dtype)
 
 
 def float32_weight_bytes(folder) -> int | None:

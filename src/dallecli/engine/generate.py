@@ -13,8 +13,8 @@ from dallecli.engine.loading import (component_class_name, default_size, load_pi
                                      with_vae)
 from dallecli.engine.memory import MemoryChoice, apply_memory_mode, available_bytes, choose_low_memory, estimate_bytes
 from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, validate_request
-from dallecli.engine.schedulers import make_scheduler, scheduler_name, validate_scheduler
-from dallecli.errors import NonFiniteOutputError, OutOfMemoryError, UsageError
+from dallecli.engine.schedulers import check_steps, make_scheduler, scheduler_name, validate_scheduler
+from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError
 from dallecli.store.registry import PIPELINE_FAMILIES, defaults_for, tiny_decoder_for
 from dallecli.store.resolve import ResolvedModel, resolve_model, resolve_vae
 
@@ -63,21 +63,29 @@ class Engine:
         device: "auto", "cpu", "cuda", "cuda:N" or "mps" (None = auto).
         dtype: "auto", "float32", "float16" or "bfloat16" (None = the device's policy:
             :func:`dallecli.engine.device.choose_dtype`).
-        vae: None/"full" (the model's own VAE), "tiny" (the registry's tiny decoder for the model's family,
+        cache_dir: HF cache folder (default: ``HF_HUB_CACHE``), as given to ``dalle download --cache-dir``.
+        vae: None (the model's own VAE, or in float16 the fp16-safe VAE its registry entry names, when
+            downloaded), "full" (the model's own), "tiny" (the registry's tiny decoder for the model's family,
             e.g. ``taesd``: fast previews), or a registry alias, repo id or folder of a VAE.
         low_memory: True/False forces low-memory mode on/off; None decides per image size from the free
             memory (:meth:`memory`).
+        revision: branch, tag or commit of a downloaded Hub model (``dalle download --revision``; default main).
+
+    Attributes:
+        notices: one-line notes for the user made while resolving (a renamed model, a VAE to download).
 
     Raises:
         ModelNotFoundError, DeviceUnavailableError, UsageError: at construction, before anything loads.
     """
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 cache_dir: Path | None = None, *, vae: str | None = None, low_memory: bool | None = None):
-        self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir)
+                 cache_dir: Path | None = None, *, vae: str | None = None, low_memory: bool | None = None,
+                 revision: str | None = None):
+        self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir, revision=revision)
+        self.notices: list[str] = [self.model.notice] if self.model.notice else []
         self.device = resolve_device(device)
         self.weight_bytes = float32_weight_bytes(self.model.path) if low_memory is None else None
-        self.dtype_choice = resolve_dtype(self.device, dtype)
+        self.dtype_choice = resolve_dtype(self.device, dtype, self.model.spec.dtype if self.model.spec else None)
         self.dtype = self.dtype_choice.dtype
         self.vae: ResolvedModel | None = self._resolve_vae(vae, cache_dir)
         self.low_memory = low_memory
@@ -94,6 +102,15 @@ class Engine:
             UsageError: ``tiny`` for a model family that has no tiny decoder in the registry.
             ModelNotFoundError: the VAE is not available locally.
         """
+        spec = self.model.spec
+        if vae in (None, "", "default") and spec is not None and spec.vae and self.dtype == "float16":
+            # SDXL's own VAE overflows float16 (diffusers then decodes in float32: slower, more memory)
+            try:
+                return resolve_vae(spec.vae, cache_dir=cache_dir)
+            except ModelNotFoundError:
+                self.notices.append(f"{spec.vae} is not downloaded, so the VAE decodes in float32; "
+                                    f"`dalle download {spec.vae}` makes float16 decoding safe and faster")
+                return None
         if vae in (None, "", "full", "default"):
             return None
         if vae == "tiny":
@@ -113,7 +130,7 @@ class Engine:
     def pipe(self):
         """The loaded diffusers pipeline (loads it on first access)."""
         if self._pipe is None:
-            variant = self.model.spec.variant if self.model.spec and self.dtype != "float32" else None
+            variant = (self.model.spec.variant if self.model.spec else None) or "fp16"
             offload = any(c.low_memory for c in self._memory.values()) or bool(self.low_memory)
             pipe = load_pipeline(self.model.path, self.device, self.dtype, variant, offload=offload)
             if self.vae is not None:
@@ -255,6 +272,10 @@ class Engine:
             if isinstance(exc, MemoryError) or "out of memory" in message or "can't allocate memory" in message:
                 raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
             raise
+        except ValueError as exc:  # diffusers' check_inputs and schedulers refuse a setting
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"{type(self.pipe).__name__} refused the request ({request.steps} steps, "
+                             f"{request.width}x{request.height}, guidance {request.guidance_scale:g}): {first}") from exc
         images = output.images  # (B, 3, H, W) in [0, 1]
         if not torch.isfinite(images).all():
             if self.dtype == "float32":
@@ -303,6 +324,7 @@ class Engine:
         """
         request, seeds = self.plan(request)
         scheduler = self._use_scheduler(request.scheduler)
+        check_steps(self.pipe.scheduler, request.steps)
         loras = self._use_loras(request.loras)
         check, warnings = self.prompt_warnings(request)
         batch_size = request.batch_size
@@ -344,6 +366,7 @@ class Engine:
         request = request.with_defaults(self.defaults())
         validate_request(request)
         scheduler = self._use_scheduler(request.scheduler)
+        check_steps(self.pipe.scheduler, request.steps)
         loras = self._use_loras(request.loras)
         prompts, seeds = [p for p, _ in items], [s for _, s in items]
         images = self._run_pass(prompts, seeds, request, on_step)

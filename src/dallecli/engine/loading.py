@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from dallecli.engine.weights import verify_folder
+from dallecli.store.download import SKIPPED_COMPONENTS, variant_of
 from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError
 
 _CACHE: dict[tuple, object] = {}
@@ -70,8 +71,59 @@ def default_size(folder: Path) -> int | None:
     return sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
 
 
-def _has_variant(folder: Path, variant: str) -> bool:
-    return any(f".{variant}." in p.name for p in folder.rglob("*.safetensors"))
+def _weight_variants(component: Path) -> set[str | None]:
+    """The weights variants present in a component folder: None for the plain files, "fp16" for
+    ``*.fp16.safetensors`` (shards included)."""
+    return {variant_of(p.name) for p in component.glob("*.safetensors")}
+
+
+def choose_variant(folder: Path, dtype: str, preferred: str | None = "fp16") -> str | None:
+    """The ``variant`` to pass to ``from_pretrained`` for a pipeline folder, decided by the files present.
+
+    diffusers loads ``variant`` files for the components that have them and the plain files for the rest, but
+    without a variant it insists on the plain files everywhere. So: float32 takes the plain files when every
+    component has them (full precision, no cast); otherwise, and in half precision, the ``preferred`` variant
+    (or the only one present) is loaded and cast to ``dtype``. A download of only ``*.fp16.safetensors`` thus
+    loads on the CPU in float32 too.
+
+    Args:
+        folder: a diffusers pipeline folder.
+        dtype: "float32", "float16" or "bfloat16".
+        preferred: the variant to use when present (the registry's, default "fp16").
+
+    Returns:
+        A variant name, or None for the plain files.
+    """
+    found = [_weight_variants(c) for c in folder.iterdir() if c.is_dir()] if folder.is_dir() else []
+    found = [v for v in found if v]
+    variants = {name for names in found for name in names if name}
+    if not variants:
+        return None
+    if dtype == "float32" and all(None in names for names in found):
+        return None
+    if preferred in variants:
+        return preferred
+    return sorted(variants)[0]
+
+
+def pretrained_kwargs(folder: Path, dtype: str, preferred_variant: str | None = "fp16") -> dict:
+    """Keyword arguments for ``DiffusionPipeline.from_pretrained(folder, ...)``: safetensors only, offline,
+    ``dtype``, the variant :func:`choose_variant` picks, and None for the components dalle never loads
+    (:data:`SKIPPED_COMPONENTS`) when their folders are absent."""
+    kwargs = {"use_safetensors": True, "local_files_only": True, **_dtype_kwargs(dtype)}
+    variant = choose_variant(folder, dtype, preferred_variant)
+    if variant:
+        kwargs["variant"] = variant
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    for name in SKIPPED_COMPONENTS:
+        if name in index and not (folder / name).is_dir():
+            kwargs[name] = None
+    if "requires_safety_checker" in index:
+        kwargs["requires_safety_checker"] = False
+    return kwargs
 
 
 def _dtype_kwargs(dtype: str) -> dict:
@@ -83,7 +135,7 @@ def _dtype_kwargs(dtype: str) -> dict:
     return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": getattr(torch, dtype)}
 
 
-def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = None, *, offload: bool = False):
+def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "fp16", *, offload: bool = False):
     """Load (or reuse) the pipeline in ``folder`` on ``device`` in ``dtype``.
 
     Every weights file is checked by content first (:func:`dallecli.engine.weights.verify_folder`), then
@@ -97,7 +149,7 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = N
         folder: a diffusers pipeline folder (``model_index.json`` + component folders).
         device: torch device string ("cpu", "cuda", "mps", ...).
         dtype: "float32", "float16" or "bfloat16".
-        variant: weights variant such as "fp16", used when the folder has it.
+        variant: the preferred weights variant such as "fp16" (:func:`choose_variant` decides from the files).
         offload: CUDA only: keep each model in CPU memory until its turn (``enable_model_cpu_offload``)
             instead of moving the whole pipeline to the GPU.
 
@@ -123,13 +175,8 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = N
 
         configure_threads()
 
-    kwargs = _dtype_kwargs(dtype)
-    if variant and _has_variant(folder, variant):
-        kwargs["variant"] = variant
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            folder, use_safetensors=True, local_files_only=True, **kwargs
-        )
+        pipe = DiffusionPipeline.from_pretrained(folder, **pretrained_kwargs(folder, dtype, variant))
     except (EnvironmentError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "safetensors" in message.lower() and "not found" in message.lower():

@@ -1,4 +1,9 @@
-"""Sampler names users type (``--scheduler``) mapped to diffusers scheduler classes and settings."""
+"""Sampler names users type (``--scheduler``) mapped to diffusers scheduler classes and settings.
+
+``--scheduler`` takes one of the short names in :data:`SCHEDULERS` or the class name of any diffusers scheduler
+(``PNDMScheduler``, ``FlowMatchEulerDiscreteScheduler``, ``LCMScheduler``, ...): an image records the short name
+when its scheduler is one of ours and the class name otherwise, so every image replays with ``--from``.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "ddpm": ("DDPMScheduler", {}, "DDPM"),
     "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    # Latent Consistency Models (arXiv 2310.04378): 2-8 steps with an LCM-distilled model or LCM-LoRA, guidance ~1
+    "lcm": ("LCMScheduler", {}, "LCM"),
 }
 FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
@@ -34,26 +41,65 @@ def a1111_sampler(name: str) -> str:
     return SCHEDULERS[name][2] if name in SCHEDULERS else name
 
 
+def scheduler_class(name: str):
+    """The diffusers scheduler class for a short name or a class name, or None when there is none."""
+    class_name = SCHEDULERS[name][0] if name in SCHEDULERS else name
+    if not class_name.endswith("Scheduler") or not class_name.isidentifier():
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) else None
+
+
 def validate_scheduler(name: str | None) -> None:
-    """Raises UsageError for a name that is not in :data:`SCHEDULERS` (None and "default" are fine)."""
-    if name not in (None, "default") and name not in SCHEDULERS:
-        raise UsageError(f"unknown --scheduler '{name}'; choose one of default, {', '.join(SCHEDULERS)}")
+    """Check a ``--scheduler`` value: None, "default", a name in :data:`SCHEDULERS` or a diffusers scheduler
+    class name (the latter imports diffusers to look it up).
+
+    Raises:
+        UsageError: any other value.
+    """
+    if name in (None, "default") or name in SCHEDULERS:
+        return
+    if scheduler_class(name) is None:
+        raise UsageError(f"unknown --scheduler '{name}'; choose one of default, {', '.join(SCHEDULERS)}, "
+                         "or a diffusers scheduler class name such as PNDMScheduler")
 
 
 def make_scheduler(name: str, base_config):
-    """A new scheduler ``name`` built from the model's own scheduler config (keeps its betas and
-    prediction type).
+    """A new scheduler ``name`` (short name or class name) built from the model's own scheduler config (keeps
+    its betas, timestep spacing and prediction type); the model's own class name gives its own scheduler back.
 
     Raises:
-        UsageError: unknown name, or a model whose flow-matching scheduler these samplers do not fit.
+        UsageError: unknown name, or a flow-matching scheduler for a diffusion model or the reverse.
     """
     validate_scheduler(name)
-    if base_config.get("_class_name") in FLOW_MATCHING:
-        raise UsageError(f"--scheduler {name} does not fit this flow-matching model; leave --scheduler out")
-    class_name, overrides, _ = SCHEDULERS[name]
+    cls = scheduler_class(name)
+    overrides = SCHEDULERS[name][1] if name in SCHEDULERS else {}
+    flow_model = base_config.get("_class_name") in FLOW_MATCHING
+    if flow_model != (cls.__name__ in FLOW_MATCHING):
+        kind = "flow-matching" if flow_model else "diffusion (noise-prediction)"
+        raise UsageError(f"--scheduler {name} does not fit this {kind} model; leave --scheduler out")
     if overrides.get("use_karras_sigmas") and base_config.get("rescale_betas_zero_snr"):
         # Karras spacing needs a finite largest sigma; a zero-terminal-SNR schedule has an infinite one
         raise UsageError(f"--scheduler {name} does not fit this model's zero-terminal-SNR schedule; use dpm++")
-    import diffusers
+    return cls.from_config(base_config, **overrides)
 
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+
+def check_steps(scheduler, steps: int) -> None:
+    """Check that ``scheduler`` can plan ``steps`` denoising steps (on a copy; the scheduler is not changed).
+
+    Some cannot: PNDM with its Runge-Kutta warm-up (``skip_prk_steps`` false) fails below 4 steps with a numpy
+    broadcasting error deep inside diffusers.
+
+    Raises:
+        UsageError: naming the scheduler, the steps asked for and what to do.
+    """
+    import copy
+
+    try:
+        copy.deepcopy(scheduler).set_timesteps(steps)
+    except (ValueError, IndexError, ZeroDivisionError) as exc:
+        name = type(scheduler).__name__
+        raise UsageError(f"--steps {steps} does not fit the {name} scheduler ({str(exc).splitlines()[0]}); "
+                         "use more steps or another --scheduler") from None

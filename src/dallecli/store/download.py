@@ -41,13 +41,15 @@ from dallecli.errors import (
     UnsafeWeightsError,
     UsageError,
 )
-from dallecli.store.registry import EMBEDDED, ModelSpec, lookup
+from dallecli.store.registry import EMBEDDED, REGISTRY, ModelSpec, canonical_name, lookup
 
 # Files a component folder may need besides its weights: configs, tokenizer vocabularies, sentencepiece models.
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 # Weights that are never fetched (pickles, and formats diffusers does not load from a PyTorch pipeline).
 NEVER_SUFFIXES = PICKLE_SUFFIXES + (".onnx", ".onnx_data", ".msgpack", ".h5", ".pb", ".gguf", ".xml")
 FREE_SPACE_MARGIN = 256 * 1024 * 1024  # bytes kept free beyond the download itself
+# Components dalle never loads: it runs no safety checker, so these folders are never fetched.
+SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor")
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
 _INDEX = re.compile(r"\.safetensors\.index(?:\.([^.]+))?\.json$", re.IGNORECASE)
 
@@ -76,6 +78,8 @@ class DownloadPlan:
         skipped: repo files left out, with the reason (e.g. ``("v1-5-pruned.safetensors", "single-file
             checkpoint")``), for ``--dry-run``.
         spec: the registry entry, if the name is a registered alias or repo.
+        notice: one line when the name typed was renamed or moved, else None.
+        companions: plans fetched along with this one (the fp16-safe VAE a registry entry names).
     """
 
     name: str
@@ -86,11 +90,13 @@ class DownloadPlan:
     files: tuple[PlannedFile, ...]
     skipped: tuple[tuple[str, str], ...] = ()
     spec: ModelSpec | None = field(default=None, compare=False)
+    notice: str | None = None
+    companions: tuple["DownloadPlan", ...] = ()
 
     @property
     def total_bytes(self) -> int:
-        """Sum of the known file sizes, bytes."""
-        return sum(f.size or 0 for f in self.files)
+        """Sum of the known file sizes of this plan and its companions, bytes."""
+        return sum(f.size or 0 for f in self.files) + sum(c.total_bytes for c in self.companions)
 
 
 @dataclass(frozen=True)
@@ -100,14 +106,17 @@ class DownloadResult:
     Attributes:
         folder: the snapshot folder in the HF cache (``.../models--org--name/snapshots/<commit>``).
         commit: the commit downloaded.
-        fetched_bytes: bytes that were missing before this call (0 when everything was already cached).
+        fetched_bytes: bytes that were missing before this call, companions included (0 when everything was
+            already cached).
         verified: the ``.safetensors`` files checked, relative to ``folder``.
+        companions: the results of the plan's companions (the fp16-safe VAE of an SDXL entry).
     """
 
     folder: Path
     commit: str
     fetched_bytes: int
     verified: tuple[str, ...]
+    companions: tuple["DownloadResult", ...] = ()
 
     @property
     def already_cached(self) -> bool:
@@ -115,12 +124,15 @@ class DownloadResult:
 
 
 def repo_for(name: str) -> tuple[str, ModelSpec | None]:
-    """The Hub repo id for an alias or ``org/name`` id, and its registry entry.
+    """The Hub repo id for an alias or ``org/name`` id (renamed and moved names mapped), and its registry entry.
 
     Raises:
         UsageError: the embedded model (nothing to download), a local path, or a name that is neither an
-            alias nor ``org/name``.
+            alias nor a well-formed ``org/name``.
     """
+    from dallecli.store.resolve import check_repo_id
+
+    name = canonical_name(name)[0]
     spec = lookup(name)
     if is_embedded(name) or (spec is not None and spec.repo_id is None):
         raise UsageError(f"'{name}' is the embedded model; it ships with dalle and needs no download")
@@ -128,11 +140,7 @@ def repo_for(name: str) -> tuple[str, ModelSpec | None]:
         return spec.repo_id, spec
     if Path(name).expanduser().exists():
         raise UsageError(f"'{name}' is a local path; `dalle download` takes a registry alias or an org/name repo id")
-    if name.count("/") != 1 or not all(name.split("/")):
-        raise UsageError(
-            f"unknown model '{name}': give a registry alias (see `dalle models`) or an org/name Hub repo id"
-        )
-    return name, None
+    return check_repo_id(name, "dalle download"), None
 
 
 def variant_of(filename: str) -> str | None:
@@ -149,9 +157,11 @@ def _suffix(path: str) -> str:
 
 
 def _components(model_index: dict) -> list[str]:
-    """Component folders the pipeline loads: keys whose value names a library and class (not ``[null, null]``)."""
+    """Component folders the pipeline loads: keys whose value names a library and class (not ``[null, null]``),
+    less the safety checker and its feature extractor, which dalle never runs."""
     return sorted(key for key, value in model_index.items()
-                  if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0] and value[1])
+                  if not key.startswith("_") and key not in SKIPPED_COMPONENTS
+                  and isinstance(value, list) and len(value) == 2 and value[0] and value[1])
 
 
 def select_files(listing: dict[str, int | None], model_index: dict, variant: str | None,
@@ -209,6 +219,8 @@ def select_files(listing: dict[str, int | None], model_index: dict, variant: str
         suffix = _suffix(path)
         if "/" not in path and suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
             reason = "single-file checkpoint (not loaded by diffusers)"
+        elif path.split("/")[0] in SKIPPED_COMPONENTS:
+            reason = "safety checker (dalle does not run one)"
         elif suffix in NEVER_SUFFIXES:
             reason = "pickle or non-PyTorch format"
         elif suffix == ".safetensors":
@@ -233,6 +245,10 @@ def select_component_files(listing: dict[str, int | None], variant: str | None,
         raise ModelNotFoundError(f"{repo_id} has no config.json in its root; it is not a diffusers model folder")
     root = [p for p in listing if "/" not in p]
     safetensors = [p for p in root if _suffix(p) == ".safetensors"]
+    # diffusers loads diffusion_pytorch_model[.variant].safetensors; other root files are other tools' copies
+    # (taesd_decoder.safetensors, sdxl_vae.safetensors) that would be fetched for nothing
+    own = [p for p in safetensors if p.startswith("diffusion_pytorch_model.")]
+    safetensors = own or safetensors
     if not safetensors:
         others = sorted(p for p in root if _suffix(p) in NEVER_SUFFIXES)
         raise UnsafeWeightsError(f"{repo_id} has pickle-only weights ({', '.join(others[:2]) or 'none'}); dalle "
@@ -293,13 +309,15 @@ def _hub_call(fn, repo_id: str, name: str):
 
 def plan_download(name: str, *, revision: str | None = None, variant: str | None = None,
                   token: str | None = None) -> DownloadPlan:
-    """Decide which files of a Hub pipeline repo to fetch, without writing to the cache.
+    """Decide which files of a Hub repo to fetch, without writing to the cache: a pipeline's loaded components,
+    a VAE's ``config.json`` and weights, or a LoRA's ``.safetensors``; a registry entry's fp16-safe VAE
+    (``ModelSpec.vae``) is planned with it as a companion.
 
     Network: one ``model_info`` call (file list with sizes and the resolved commit) and one small download of
-    ``model_index.json`` into a temporary folder.
+    ``model_index.json`` into a temporary folder (per companion too).
 
     Args:
-        name: registry alias or ``org/name`` repo id.
+        name: registry alias or ``org/name`` repo id (renamed aliases and moved repos are mapped, with a notice).
         revision: branch, tag or commit (default "main").
         variant: weights variant ("fp16"); default: the registry's ``variant`` for a registered model.
         token: Hub token (default: ``HF_TOKEN`` or the saved login, as ``huggingface_hub`` decides).
@@ -314,6 +332,7 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
     """
     from huggingface_hub import HfApi, hf_hub_download
 
+    name, notice = canonical_name(name)
     repo_id, spec = repo_for(name)
     if variant is None and spec is not None:
         variant = spec.variant
@@ -322,25 +341,46 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
     info = _hub_call(lambda: api.model_info(repo_id, revision=revision, files_metadata=True), repo_id, name)
     commit = info.sha
     listing = {s.rfilename: (s.lfs.size if s.lfs else s.size) for s in (info.siblings or [])}
-    if "model_index.json" not in listing and spec is not None and spec.is_decoder:
+    companions = (plan_download(spec.vae, token=token),) if spec is not None and spec.vae else ()
+    if spec is not None and spec.kind == "lora":
+        files, skipped = select_lora_files(listing, repo_id)
+    elif "model_index.json" not in listing and spec is not None and spec.kind in ("vae", "tiny-vae"):
         files, skipped = select_component_files(listing, variant, repo_id)
-        chosen_variant = variant if any(variant_of(os.path.basename(f.path)) == variant for f in files) else None
-        return DownloadPlan(name, repo_id, revision, commit, chosen_variant, tuple(files), tuple(skipped), spec)
-    if "model_index.json" not in listing:
+    elif "model_index.json" not in listing:
         raise ModelNotFoundError(
             f"{repo_id} is not a diffusers pipeline (no model_index.json in the repo root); "
             "dalle downloads diffusers-format repos only"
         )
-    with tempfile.TemporaryDirectory(prefix="dalle-plan-") as tmp:
-        path = _hub_call(lambda: hf_hub_download(repo_id, "model_index.json", revision=commit, local_dir=tmp,
-                                                 token=token), repo_id, name)
-        try:
-            model_index = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"{repo_id}: model_index.json is not valid JSON") from exc
-    files, skipped = select_files(listing, model_index, variant, repo_id)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dalle-plan-") as tmp:
+            path = _hub_call(lambda: hf_hub_download(repo_id, "model_index.json", revision=commit, local_dir=tmp,
+                                                     token=token), repo_id, name)
+            try:
+                model_index = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelNotFoundError(f"{repo_id}: model_index.json is not valid JSON") from exc
+        files, skipped = select_files(listing, model_index, variant, repo_id)
     chosen_variant = variant if any(variant_of(os.path.basename(f.path)) == variant for f in files) else None
-    return DownloadPlan(name, repo_id, revision, commit, chosen_variant, tuple(files), tuple(skipped), spec)
+    return DownloadPlan(name, repo_id, revision, commit, chosen_variant, tuple(files), tuple(skipped), spec,
+                        notice, companions)
+
+
+def select_lora_files(listing: dict[str, int | None], repo_id: str) -> tuple[list[PlannedFile], list[tuple[str, str]]]:
+    """Choose the files of a LoRA repo (e.g. ``latent-consistency/lcm-lora-sdv1-5``): the ``.safetensors`` in
+    its root (pure: no network).
+
+    Raises:
+        UnsafeWeightsError: the root has LoRA weights only as pickles.
+    """
+    root = [p for p in listing if "/" not in p]
+    wanted = sorted(p for p in root if _suffix(p) == ".safetensors")
+    if not wanted:
+        others = sorted(p for p in root if _suffix(p) in NEVER_SUFFIXES)
+        raise UnsafeWeightsError(f"{repo_id} has no .safetensors LoRA file ({', '.join(others[:2]) or 'none'}); "
+                                 "dalle loads .safetensors only, so nothing was downloaded")
+    skipped = [(p, "pickle or non-PyTorch format" if _suffix(p) in NEVER_SUFFIXES else "not in the repo root")
+               for p in sorted(listing) if p not in wanted and (_suffix(p) in NEVER_SUFFIXES or _suffix(p) == ".safetensors")]
+    return [PlannedFile(p, listing.get(p)) for p in wanted], skipped
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
@@ -356,11 +396,16 @@ def snapshot_folder(repo_id: str, commit: str, cache_dir: Path | None = None) ->
     return _cache_root(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit
 
 
-def missing_bytes(plan: DownloadPlan, cache_dir: Path | None = None) -> tuple[int, list[PlannedFile]]:
-    """Bytes (and files) of ``plan`` not yet in the cache."""
+def _missing_here(plan: DownloadPlan, cache_dir: Path | None) -> tuple[int, list[PlannedFile]]:
     folder = snapshot_folder(plan.repo_id, plan.commit, cache_dir)
     missing = [f for f in plan.files if not (folder / f.path).is_file()]
     return sum(f.size or 0 for f in missing), missing
+
+
+def missing_bytes(plan: DownloadPlan, cache_dir: Path | None = None) -> tuple[int, list[PlannedFile]]:
+    """Bytes (and files) of ``plan`` and its companions not yet in the cache."""
+    results = [_missing_here(p, cache_dir) for p in (plan, *plan.companions)]
+    return sum(n for n, _ in results), [f for _, files in results for f in files]
 
 
 def check_disk_space(needed: int, cache_dir: Path | None = None) -> None:
@@ -476,7 +521,9 @@ def download(plan: DownloadPlan, *, token: str | None = None, cache_dir: Path | 
     """
     from huggingface_hub import snapshot_download
 
-    needed, missing = missing_bytes(plan, cache_dir)
+    extra = [download(c, token=token, cache_dir=cache_dir, on_progress=on_progress, max_workers=max_workers)
+             for c in plan.companions]
+    needed, missing = _missing_here(plan, cache_dir)
     folder = snapshot_folder(plan.repo_id, plan.commit, cache_dir)
     if missing:
         check_disk_space(needed, cache_dir)
@@ -488,7 +535,8 @@ def download(plan: DownloadPlan, *, token: str | None = None, cache_dir: Path | 
         folder = Path(result)
     _record_ref(plan, cache_dir)
     verified = verify_download(plan, folder)
-    return DownloadResult(folder, plan.commit, needed if missing else 0, tuple(verified))
+    fetched = (needed if missing else 0) + sum(r.fetched_bytes for r in extra)
+    return DownloadResult(folder, plan.commit, fetched, tuple(verified), tuple(extra))
 
 
 def _record_ref(plan: DownloadPlan, cache_dir: Path | None) -> None:

@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 
 from dallecli import __version__
-from dallecli.errors import ModelNotFoundError, UnsafeWeightsError
-from dallecli.store.registry import EMBEDDED, ModelSpec, lookup
+from dallecli.errors import ModelNotFoundError, UnsafeWeightsError, UsageError
+from dallecli.store.registry import EMBEDDED, ModelSpec, canonical_name, lookup
 from dallecli.engine.weights import PICKLE_SUFFIXES
 
 
@@ -26,12 +26,40 @@ class ResolvedModel:
         path: the local diffusers folder (with ``model_index.json``).
         spec: its registry entry, if any.
         revision: the Hub commit of the snapshot, the package version for the embedded model, or None.
+        notice: one line for the user when the name typed was renamed or moved (see
+            :func:`dallecli.store.registry.canonical_name`), else None.
     """
 
     name: str
     path: Path
     spec: ModelSpec | None
     revision: str | None
+    notice: str | None = None
+
+
+def check_repo_id(name: str, option: str = "--model") -> str:
+    """Check that ``name`` is a well-formed Hub repo id (``org/name``), before any lookup.
+
+    Returns:
+        ``name``.
+
+    Raises:
+        UsageError: naming the option and saying what a repo id or a folder looks like.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    looks_like_path = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    try:
+        if name.count("/") != 1:
+            raise HFValidationError("not org/name")
+        validate_repo_id(name)
+    except HFValidationError:
+        if looks_like_path:
+            raise UsageError(f"{option} {name}: no such file or folder") from None
+        raise UsageError(f"{option} '{name}' is not a registry alias (see `dalle models`), a folder or an org/name "
+                         "Hub repo id (letters, digits, '-', '_' and '.')") from None
+    return name
 
 
 def embedded_model_path() -> Path:
@@ -39,12 +67,30 @@ def embedded_model_path() -> Path:
     return Path(str(resources.files("dallecli.models") / EMBEDDED))
 
 
-def resolve_model(name: str | None, cache_dir: Path | None = None) -> ResolvedModel:
+def _cached_file(repo_id: str, filename: str, cache_dir: Path | None, revision: str | None) -> Path | None:
+    """A file of a repo in the HF cache (``revision``: branch, tag or commit; default main), or None.
+
+    Not ``snapshot_download(local_files_only=True)``: it calls a snapshot incomplete unless every file of the repo
+    is cached, while ``dalle download`` fetches only what the pipeline loads. refs/<revision> -> snapshot.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str | None = None) -> ResolvedModel:
     """Find the folder for ``name`` without any network access.
+
+    Args:
+        name: alias, ``org/name`` repo id, local folder, or None for the embedded model.
+        cache_dir: HF cache folder (default: ``HF_HUB_CACHE``), as given to ``dalle download --cache-dir``.
+        revision: branch, tag or commit downloaded with ``dalle download --revision`` (default: main).
 
     Raises:
         ModelNotFoundError: nothing by that name is available locally (the message says how to get it).
         UnsafeWeightsError: a single pickle checkpoint file was given.
+        UsageError: a name that is neither a path, an alias nor a well-formed repo id.
     """
     if name in (None, "", EMBEDDED, "embedded", "default"):
         path = embedded_model_path()
@@ -69,23 +115,19 @@ def resolve_model(name: str | None, cache_dir: Path | None = None) -> ResolvedMo
         if not (local / "model_index.json").exists():
             raise ModelNotFoundError(f"{local} has no model_index.json; it is not a diffusers pipeline folder")
         return ResolvedModel(str(local), local.resolve(), None, None)
+    name, notice = canonical_name(name)
     spec = lookup(name)
-    repo_id = spec.repo_id if spec else name
-    if repo_id is None or repo_id.count("/") != 1:
-        raise ModelNotFoundError(
-            f"unknown model '{name}': not a folder, a registry alias (see `dalle models`) or an org/name repo id"
-        )
-    # Not snapshot_download(local_files_only=True): it calls a snapshot incomplete unless every file of the
-    # repo is cached, while `dalle download` fetches only what the pipeline loads. refs/main -> snapshot.
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache_dir)
-    if not isinstance(found, str):
-        raise ModelNotFoundError(f"model '{name}' is not downloaded; run `dalle download {name}`")
-    folder = Path(found).parent
-    if not (folder / "model_index.json").exists():
-        raise ModelNotFoundError(f"model '{name}' is only partly downloaded; run `dalle download {name}`")
-    return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name)
+    if spec is not None and not spec.is_pipeline:
+        raise UsageError(f"'{name}' is a {spec.kind} entry, not a text-to-image model; "
+                         + ("use it with --lora" if spec.kind == "lora" else "use it with --vae"))
+    repo_id = spec.repo_id if spec else check_repo_id(name)
+    download = f"dalle download {spec.alias if spec else repo_id}" + (f" --revision {revision}" if revision else "")
+    found = _cached_file(repo_id, "model_index.json", cache_dir, revision)
+    if found is None:
+        where = f" at revision {revision}" if revision else ""
+        raise ModelNotFoundError(f"model '{name}' is not downloaded{where}; run `{download}`")
+    folder = found.parent
+    return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name, notice)
 
 
 def resolve_vae(name: str, cache_dir: Path | None = None) -> ResolvedModel:
@@ -102,13 +144,11 @@ def resolve_vae(name: str, cache_dir: Path | None = None) -> ResolvedModel:
             raise ModelNotFoundError(f"--vae {local}: a VAE folder needs a config.json (a diffusers model folder)")
         return ResolvedModel(str(local), local.resolve(), None, None)
     spec = lookup(name)
-    repo_id = spec.repo_id if spec else name
-    if repo_id is None or repo_id.count("/") != 1:
-        raise ModelNotFoundError(f"unknown --vae '{name}': give tiny, full, a folder, a registry alias or an org/name repo id")
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
-    if not isinstance(found, str):
+    repo_id = spec.repo_id if spec else check_repo_id(name, "--vae")
+    if repo_id is None or (spec is not None and spec.kind not in ("vae", "tiny-vae")):
+        raise UsageError(f"--vae {name}: not a VAE; give tiny, full, a folder, a VAE alias or an org/name repo id")
+    found = _cached_file(repo_id, "config.json", cache_dir, None)
+    if found is None:
         raise ModelNotFoundError(f"VAE '{name}' is not downloaded; run `dalle download {spec.alias if spec else name}`")
-    folder = Path(found).parent
+    folder = found.parent
     return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name)

@@ -51,6 +51,7 @@ class FinetuneConfig:
         data_dir: the folder of images and captions.
         output: where lora.safetensors, checkpoints/ and samples/ go (None: ``./<data folder name>-lora``).
         model: model name or folder as for ``dalle generate --model`` (None: the embedded model).
+        revision, cache_dir: where a downloaded Hub model is, as for ``dalle download --revision/--cache-dir``.
         rank: LoRA rank r; alpha: LoRA alpha (None: equal to rank; the update is scaled by alpha/r).
         learning_rate: AdamW learning rate; steps: optimiser steps in total; batch_size: images per process
             per micro-batch; gradient_accumulation: micro-batches per optimiser step; seed: seeds everything.
@@ -72,6 +73,8 @@ class FinetuneConfig:
     data_dir: Path
     output: Path | None = None
     model: str | None = None
+    revision: str | None = None
+    cache_dir: Path | None = None
     rank: int = 4
     alpha: float | None = None
     learning_rate: float = 1e-4
@@ -231,7 +234,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_components(model: str | None):
+def load_components(model: str | None, revision: str | None = None, cache_dir: Path | None = None):
     """Resolve ``model`` and load its pipeline in float32 on the CPU, fresh (not the Engine's cached copy).
 
     Returns:
@@ -241,18 +244,17 @@ def load_components(model: str | None):
         ModelNotFoundError, UnsafeWeightsError, CorruptWeightsError: as for ``dalle generate``.
         UsageError: the pipeline has no UNet/VAE/text encoder of the supported kind.
     """
-    from dallecli.engine.loading import quiet_libraries
+    from dallecli.engine.loading import pretrained_kwargs, quiet_libraries
     from dallecli.engine.weights import verify_folder
     from dallecli.store.resolve import resolve_model
 
-    resolved = resolve_model(model)
+    resolved = resolve_model(model, cache_dir=cache_dir, revision=revision)
     verify_folder(resolved.path)
     quiet_libraries()
-    import torch
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(resolved.path, use_safetensors=True, local_files_only=True,
-                                             torch_dtype=torch.float32)
+    preferred = (resolved.spec.variant if resolved.spec else None) or "fp16"
+    pipe = DiffusionPipeline.from_pretrained(resolved.path, **pretrained_kwargs(resolved.path, "float32", preferred))
     pipe.set_progress_bar_config(disable=True)
     missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer") if getattr(pipe, n, None) is None]
     if missing or getattr(pipe, "text_encoder_2", None) is not None:
@@ -433,7 +435,9 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
     from dallecli.training.trainer import DenoiserTrainer, EncodedData, StepReport, TrainSettings
 
     state = process_state()
-    resolved, pipe = load_components(config.model)
+    resolved, pipe = load_components(config.model, config.revision, config.cache_dir)
+    if resolved.notice:
+        _emit(hooks.stage, resolved.notice)
     resolution = config.resolution or default_size(resolved.path) or 512
     if config.resolution is None and resolution % 8:
         raise UsageError(f"cannot tell a training size for {resolved.name}; give --resolution")
