@@ -97,9 +97,17 @@ def check_steps(scheduler, steps: int) -> None:
     """
     import copy
 
-    try:
-        copy.deepcopy(scheduler).set_timesteps(steps)
-    except (ValueError, IndexError, ZeroDivisionError) as exc:
-        name = type(scheduler).__name__
-        raise UsageError(f"--steps {steps} does not fit the {name} scheduler ({str(exc).splitlines()[0]}); "
-                         "use more steps or another --scheduler") from None
+    def plans(n: int) -> bool:
+        try:
+            copy.deepcopy(scheduler).set_timesteps(n)
+        except (ValueError, IndexError, ZeroDivisionError):
+            return False
+        return True
+
+    if plans(steps):
+        return
+    name = type(scheduler).__name__
+    least = next((n for n in range(steps + 1, 51) if plans(n)), None)
+    need = f"it needs at least {least}" if least else "it cannot plan that many"
+    raise UsageError(f"--steps {steps} does not fit the {name} scheduler ({need}); use more steps or another "
+                     "--scheduler")
