@@ -146,7 +146,8 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "
     in-process keyed by (folder, device, dtype, variant, offload).
 
     Args:
-        folder: a diffusers pipeline folder (``model_index.json`` + component folders).
+        folder: a diffusers pipeline folder (``model_index.json`` + component folders), or a single-file
+            ``.safetensors`` checkpoint (:func:`dallecli.engine.single_file.load_single_file`).
         device: torch device string ("cpu", "cuda", "mps", ...).
         dtype: "float32", "float16" or "bfloat16".
         variant: the preferred weights variant such as "fp16" (:func:`choose_variant` decides from the files).
@@ -163,9 +164,11 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "
     key = (str(folder.resolve()), device, dtype, variant, offload)
     if key in _CACHE:
         return _CACHE[key]
-    if not (folder / "model_index.json").exists():
+    single_file = folder.is_file()  # an A1111/Civitai checkpoint: engine/single_file.py
+    if not single_file and not (folder / "model_index.json").exists():
         raise ModelNotFoundError(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
-    verify_folder(folder)
+    if not single_file:
+        verify_folder(folder)
     quiet_libraries()
     import torch
     from diffusers import DiffusionPipeline
@@ -176,7 +179,12 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "
         configure_threads()
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, **pretrained_kwargs(folder, dtype, variant))
+        if single_file:
+            from dallecli.engine.single_file import load_single_file
+
+            pipe = load_single_file(folder, dtype)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(folder, **pretrained_kwargs(folder, dtype, variant))
     except (EnvironmentError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "safetensors" in message.lower() and "not found" in message.lower():

@@ -28,6 +28,8 @@ class ResolvedModel:
         revision: the Hub commit of the snapshot, the package version for the embedded model, or None.
         notice: one line for the user when the name typed was renamed or moved (see
             :func:`dallecli.store.registry.canonical_name`), else None.
+        single_file: ``path`` is a single-file checkpoint (A1111/Civitai ``.safetensors``), not a folder;
+            ``revision`` is then the file's ``sha256:<hex>``.
     """
 
     name: str
@@ -35,6 +37,7 @@ class ResolvedModel:
     spec: ModelSpec | None
     revision: str | None
     notice: str | None = None
+    single_file: bool = False
 
 
 def check_repo_id(name: str, option: str = "--model") -> str:
@@ -83,13 +86,16 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
     """Find the folder for ``name`` without any network access.
 
     Args:
-        name: alias, ``org/name`` repo id, local folder, or None for the embedded model.
+        name: alias, ``org/name`` repo id, local folder, single-file ``.safetensors`` checkpoint, or None for
+            the embedded model.
         cache_dir: HF cache folder (default: ``HF_HUB_CACHE``), as given to ``dalle download --cache-dir``.
         revision: branch, tag or commit downloaded with ``dalle download --revision`` (default: main).
 
     Raises:
         ModelNotFoundError: nothing by that name is available locally (the message says how to get it).
-        UnsafeWeightsError: a single pickle checkpoint file was given.
+        UnsafeWeightsError: a single pickle checkpoint file was given (by name or by content).
+        CorruptWeightsError: a single file that is truncated or not safetensors.
+        UnsupportedCheckpointError: a single safetensors file that is not an SD 1.x/2.x/SDXL checkpoint.
         UsageError: a name that is neither a path, an alias nor a well-formed repo id.
     """
     if name in (None, "", EMBEDDED, "embedded", "default"):
@@ -108,10 +114,12 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
                     f"{local.name} is a pickle checkpoint; dalle loads .safetensors only. Convert it or use a "
                     "diffusers folder with .safetensors weights"
                 )
-            raise ModelNotFoundError(
-                f"{local} is a single file; --model needs a diffusers folder (with model_index.json), "
-                "a registry alias or a Hub repo id"
-            )
+            # a single-file checkpoint: content-checked (pickles refused) and its family detected from the
+            # safetensors header now, so that an unsupported layout fails before anything loads
+            from dallecli.engine.single_file import detect, file_digest
+
+            detect(local)
+            return ResolvedModel(str(local), local.resolve(), None, file_digest(local), single_file=True)
         if not (local / "model_index.json").exists():
             raise ModelNotFoundError(f"{local} has no model_index.json; it is not a diffusers pipeline folder")
         return ResolvedModel(str(local), local.resolve(), None, None)
