@@ -99,3 +99,17 @@ def run_dalle(*args: str, env: dict | None = None, timeout: float = 300, input: 
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "dallecli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, input=input)
+
+
+@pytest.fixture(scope="session")
+def replica_hub():
+    """The stand-in Hub serving a replica of every registry repo (tests/replicas.py), built once and cached on
+    disk; gated replicas let ``replicas.TOKEN`` through. Treat as read-only; ``log`` is shared."""
+    from hubserver import FakeRepo, HubServer
+    from replicas import GATED, TOKEN, build_all, repo_files
+
+    repos = {repo: FakeRepo(files, gated=repo in GATED, tokens=frozenset({TOKEN}) if repo in GATED else frozenset())
+             for repo, files in repo_files(build_all()).items()}
+    server = HubServer(repos).start()
+    yield server
+    server.stop()

@@ -7,7 +7,8 @@ Routes (the ones ``huggingface_hub`` builds; see ``hf_api.py`` and ``file_downlo
     HEAD/GET  /{org}/{name}/resolve/{rev}/{path}             a file, with X-Repo-Commit, ETag, X-Linked-Size
 
 A repo is a dict path -> bytes; ``gated=True`` answers 401 without an ``Authorization`` header and 403 with
-one (as the Hub does before the licence is accepted). Every request is logged in ``HubServer.log`` so tests
+one (as the Hub does before the licence is accepted), except for a bearer token in ``tokens`` (a user who
+accepted the licence). Every request is logged in ``HubServer.log`` so tests
 can assert what was (not) fetched. Only binds 127.0.0.1.
 """
 
@@ -29,6 +30,7 @@ class FakeRepo:
     files: dict[str, bytes]
     gated: bool = False
     commit: str = ""
+    tokens: frozenset[str] = frozenset()  # bearer tokens that may read a gated repo
 
     def __post_init__(self):
         if not self.commit:
@@ -97,12 +99,13 @@ class HubServer:
     # --- request handling -------------------------------------------------------------------------------
     def _handle(self, req: BaseHTTPRequestHandler, head: bool) -> None:
         path = unquote(urlsplit(req.path).path)
-        authorized = bool(req.headers.get("Authorization"))
+        authorization = req.headers.get("Authorization") or ""
+        authorized = bool(authorization)
         self.log.append(("HEAD" if head else "GET", path, authorized))
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
             repo_id, kind, rev, rest = "/".join(parts[2:4]), parts[4], parts[5], "/".join(parts[6:])
-            repo = self._access(req, repo_id, rev, authorized)
+            repo = self._access(req, repo_id, rev, authorization)
             if repo is None:
                 return
             if kind == "revision":
@@ -119,7 +122,7 @@ class HubServer:
             return self._error(req, 404, "EntryNotFound", "unknown api route")
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, rev, file_path = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
-            repo = self._access(req, repo_id, rev, authorized)
+            repo = self._access(req, repo_id, rev, authorization)
             if repo is None:
                 return
             if file_path not in repo.files:
@@ -141,13 +144,13 @@ class HubServer:
             return
         self._error(req, 404, "RepoNotFound", "unknown route")
 
-    def _access(self, req, repo_id: str, rev: str, authorized: bool) -> FakeRepo | None:
+    def _access(self, req, repo_id: str, rev: str, authorization: str) -> FakeRepo | None:
         repo = self.repos.get(repo_id)
         if repo is None:
             self._error(req, 404, "RepoNotFound", f"Repository Not Found for url: {req.path}.")
             return None
-        if repo.gated:
-            if not authorized:
+        if repo.gated and authorization.removeprefix("Bearer ").strip() not in repo.tokens:
+            if not authorization:
                 self._error(req, 401, "GatedRepo", f"Access to model {repo_id} is restricted. You must be "
                                                    "authenticated to access it.")
             else:

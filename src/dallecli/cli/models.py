@@ -30,7 +30,8 @@ def _print_list(cache_dir: Path | None, json_output: bool) -> None:
                   "available": [s.as_dict() for s in REGISTRY.values() if s.repo_id and s.repo_id not in downloaded]})
         return
     rows = [("NAME", "REPO", "REVISION", "SIZE", "FAMILY")]
-    rows += [(m.name, m.repo_id or "(embedded)", m.revision[:12], human_size(m.size_bytes), m.family) for m in models]
+    rows += [(m.name, m.repo_id or "(embedded)", m.revision[:12], human_size(m.size_bytes),
+              m.family if m.kind == "pipeline" else f"{m.family} ({m.kind})") for m in models]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -81,8 +82,9 @@ def info_(
         if key not in ("alias", "repo_id") and value not in (None, ""):
             out(f"{key}: {value}")
     defaults = details["defaults"]
-    out(f"defaults: steps={defaults['steps']} guidance={defaults['guidance']} "
-        f"size={defaults['width']}x{defaults['height']}")
+    if defaults is not None:
+        out(f"defaults: steps={defaults['steps']} guidance={defaults['guidance']} "
+            f"size={defaults['width']}x{defaults['height']}")
     if not details["downloaded"]:
         out(f"downloaded: no (run `dalle download {name}`)")
     for entry in details["downloaded"]:

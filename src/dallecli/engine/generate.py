@@ -84,7 +84,9 @@ class Engine:
         self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir, revision=revision)
         self.notices: list[str] = [self.model.notice] if self.model.notice else []
         self.device = resolve_device(device)
-        self.weight_bytes = float32_weight_bytes(self.model.path) if low_memory is None else None
+        self._single = None  # the detected single-file checkpoint (engine/single_file.py), read once
+        self.weight_bytes = (self.single_file.float32_bytes if self.model.single_file else
+                             float32_weight_bytes(self.model.path)) if low_memory is None else None
         self.dtype_choice = resolve_dtype(self.device, dtype, self.model.spec.dtype if self.model.spec else None)
         self.dtype = self.dtype_choice.dtype
         self.vae: ResolvedModel | None = self._resolve_vae(vae, cache_dir)
@@ -117,7 +119,7 @@ class Engine:
             own = component_class_name(self.model.path / "vae")
             if own == "AutoencoderTiny":
                 return None  # the model's own VAE is already a tiny one (the embedded model)
-            family = PIPELINE_FAMILIES.get(pipeline_class_name(self.model.path) or "") or (
+            family = PIPELINE_FAMILIES.get(self._layout()[0] or "") or (
                 self.model.spec.family if self.model.spec else "stable-diffusion")
             spec = tiny_decoder_for(family)
             if spec is None:
@@ -156,9 +158,25 @@ class Engine:
             self._memory[key] = choose_low_memory(self.low_memory, needed or 0, available, self.device, width, height)
         return self._memory[key]
 
+    @property
+    def single_file(self):
+        """The :class:`dallecli.engine.single_file.SingleFile` of a single-file model (None for a folder)."""
+        if self._single is None and self.model.single_file:
+            from dallecli.engine.single_file import detect
+
+            self._single = detect(self.model.path)
+        return self._single
+
+    def _layout(self) -> tuple[str | None, int | None]:
+        """(pipeline class name, trained image size in pixels): from the folder's configs, or from the detected
+        family of a single file."""
+        if self.model.single_file:
+            return self.single_file.pipeline_class, self.single_file.default_size
+        return pipeline_class_name(self.model.path), default_size(self.model.path)
+
     def defaults(self) -> dict:
         """Generation defaults for this model: ``{"steps", "guidance", "width", "height"}``."""
-        return defaults_for(self.model.spec, pipeline_class_name(self.model.path), default_size(self.model.path))
+        return defaults_for(self.model.spec, *self._layout())
 
     def check_prompt(self, prompt: str) -> PromptCheck:
         """Count the prompt's tokens against the text encoder's limit (``model_max_length``)."""

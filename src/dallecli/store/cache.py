@@ -30,6 +30,7 @@ class CachedModel:
         family: pipeline family ("stable-diffusion", "sdxl", ...).
         path: the snapshot (or embedded) folder.
         files: file paths relative to ``path``.
+        kind: "pipeline", or the registry kind of a VAE, tiny VAE or LoRA entry.
     """
 
     alias: str | None
@@ -40,6 +41,7 @@ class CachedModel:
     family: str
     path: Path
     files: tuple[str, ...] = ()
+    kind: str = "pipeline"
 
     @property
     def name(self) -> str:
@@ -48,7 +50,8 @@ class CachedModel:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "alias": self.alias, "repo_id": self.repo_id, "revision": self.revision,
-                "refs": list(self.refs), "size_bytes": self.size_bytes, "family": self.family, "path": str(self.path)}
+                "refs": list(self.refs), "size_bytes": self.size_bytes, "family": self.family, "kind": self.kind,
+                "path": str(self.path)}
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ def _embedded() -> CachedModel | None:
 
 
 def list_models(cache_dir: Path | None = None) -> list[CachedModel]:
-    """The embedded model and every diffusers pipeline in the HF cache, one entry per cached revision.
+    """The embedded model, every diffusers pipeline in the HF cache and the registry's VAE, tiny VAE and LoRA
+    entries that were downloaded, one entry per cached revision.
 
     Args:
         cache_dir: HF cache folder (default: ``HF_HUB_CACHE``, i.e. ``$HF_HOME/hub``).
@@ -119,11 +123,13 @@ def list_models(cache_dir: Path | None = None) -> list[CachedModel]:
         spec = lookup(repo.repo_id)
         for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
             folder = Path(rev.snapshot_path)
-            if not (folder / "model_index.json").exists():
-                continue
+            kind = spec.kind if spec is not None else "pipeline"
+            if kind == "pipeline" and not (folder / "model_index.json").exists():
+                continue  # other tools' repos in the shared cache (language models, datasets...)
             files = tuple(sorted(f.file_path.relative_to(folder).as_posix() for f in rev.files))
             models.append(CachedModel(spec.alias if spec else None, repo.repo_id, rev.commit_hash,
-                                      tuple(sorted(rev.refs)), rev.size_on_disk, _family(folder, spec), folder, files))
+                                      tuple(sorted(rev.refs)), rev.size_on_disk, _family(folder, spec), folder, files,
+                                      kind))
     return models
 
 
@@ -145,7 +151,7 @@ def model_details(name: str, cache_dir: Path | None = None) -> dict:
 
     Returns:
         ``{"name", "repo_id", "registry": dict | None, "downloaded": [CachedModel.as_dict() + "files"],
-        "defaults": {"steps", "guidance", "width", "height"}}``.
+        "defaults": {"steps", "guidance", "width", "height"}}`` (``defaults`` None for a VAE or LoRA entry).
 
     Raises:
         ModelNotFoundError: neither a registry alias nor a cached repo.
@@ -171,7 +177,7 @@ def model_details(name: str, cache_dir: Path | None = None) -> dict:
         "registry": spec.as_dict() if spec else None,
         "pipeline_class": pipeline_class,
         "downloaded": [dict(m.as_dict(), files=list(m.files)) for m in cached],
-        "defaults": defaults_for(spec, pipeline_class, sample),
+        "defaults": defaults_for(spec, pipeline_class, sample) if spec is None or spec.is_pipeline else None,
     }
 
 
