@@ -308,3 +308,12 @@ def test_revision_and_cache_dir_given_to_download_are_what_generate_reads(online
     made = run_dalle("generate", "a cat", *common, "--revision", commit, "--cache-dir", str(cache))
     assert made.returncode == 0, made.stderr
     assert json.loads(Image.open(made.stdout.strip()).text["dalle"])["model_revision"] == commit
+
+
+def test_a1111_sampler_names_map_back_to_schedulers():
+    from dallecli.engine.schedulers import a1111_sampler, from_a1111_sampler
+
+    for name in ("euler", "euler-a", "dpm++", "dpm++-karras", "ddim", "unipc", "lcm"):
+        assert from_a1111_sampler(a1111_sampler(name)) == name
+    assert from_a1111_sampler("PNDMScheduler") == "PNDMScheduler"
+    assert from_a1111_sampler("Heun") is None and from_a1111_sampler(None) is None

@@ -60,7 +60,10 @@ def generate(
         guidance = guidance if guidance is not None else stored.get("guidance_scale")
         width = width if width is not None else stored.get("width")
         height = height if height is not None else stored.get("height")
-        scheduler = scheduler if scheduler is not None else stored.get("scheduler")
+        if scheduler is None:
+            from dallecli.engine.schedulers import from_a1111_sampler
+
+            scheduler = stored.get("scheduler") or from_a1111_sampler(stored.get("sampler"))
         model = model if model is not None else stored.get("model")
         dtype = dtype if dtype is not None else stored.get("dtype")
         vae = vae if vae is not None else stored.get("vae")

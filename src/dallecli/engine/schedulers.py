@@ -41,6 +41,15 @@ def a1111_sampler(name: str) -> str:
     return SCHEDULERS[name][2] if name in SCHEDULERS else name
 
 
+def from_a1111_sampler(sampler: str | None) -> str | None:
+    """Our scheduler name for an AUTOMATIC1111 ``Sampler:`` value ("DPM++ 2M Karras" -> "dpm++-karras"; a
+    diffusers class name as written by dalle stays), or None when it has no equivalent here."""
+    if not sampler:
+        return None
+    found = next((name for name, (_, _, a1111) in SCHEDULERS.items() if a1111.lower() == sampler.strip().lower()), None)
+    return found or (sampler.strip() if sampler.strip().endswith("Scheduler") else None)
+
+
 def scheduler_class(name: str):
     """The diffusers scheduler class for a short name or a class name, or None when there is none."""
     class_name = SCHEDULERS[name][0] if name in SCHEDULERS else name
