@@ -36,7 +36,7 @@ def _print_list(cache_dir: Path | None, json_output: bool) -> None:
     for row in rows:
         out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     listed = {m.repo_id for m in models}
-    more = [s.alias for s in REGISTRY.values() if s.repo_id and s.repo_id not in listed]
+    more = [f"{s.alias} ({s.size_gb:g} GB)" for s in REGISTRY.values() if s.repo_id and s.repo_id not in listed]
     if more:
         info(f"available to download (`dalle download NAME`): {', '.join(more)}")
 
