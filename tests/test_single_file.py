@@ -317,3 +317,11 @@ def test_unknown_layout_one_line(tmp_path, keys, phrase):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and phrase in lines[0] and "SD 1.x, SD 2.x and SDXL" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_finetune_refuses_a_single_file_in_one_line(families, tmp_path):
+    from dallecli.errors import UsageError
+    from dallecli.training.finetune import load_components
+
+    with pytest.raises(UsageError, match="single-file checkpoint"):
+        load_components(str(families["sd1"][1]))

@@ -249,6 +249,9 @@ def load_components(model: str | None, revision: str | None = None, cache_dir: P
     from dallecli.store.resolve import resolve_model
 
     resolved = resolve_model(model, cache_dir=cache_dir, revision=revision)
+    if resolved.single_file:
+        raise UsageError(f"dalle finetune needs a diffusers folder or a downloaded model; {resolved.name} is a "
+                         "single-file checkpoint (dalle generate takes those)")
     verify_folder(resolved.path)
     quiet_libraries()
     from diffusers import DiffusionPipeline
