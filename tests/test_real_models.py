@@ -317,3 +317,23 @@ def test_a1111_sampler_names_map_back_to_schedulers():
         assert from_a1111_sampler(a1111_sampler(name)) == name
     assert from_a1111_sampler("PNDMScheduler") == "PNDMScheduler"
     assert from_a1111_sampler("Heun") is None and from_a1111_sampler(None) is None
+
+
+def test_safetensors_is_recognised_before_the_pickle_opcode_and_must_end_where_its_header_says(tmp_path):
+    """A 640-byte header makes a safetensors file start with 0x80 0x02, like a protocol-2 pickle (T5 shards of
+    SD 3.5, FLUX and PixArt were refused for that); a file longer than its header says is damaged."""
+    import struct
+
+    from dallecli.engine.weights import sniff, verify_safetensors
+    from dallecli.errors import CorruptWeightsError
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (640 - len(header))
+    path = tmp_path / "model-00001-of-00002.safetensors"
+    path.write_bytes(struct.pack("<Q", 640) + header + b"\0" * 8)
+    assert path.read_bytes()[:2] == b"\x80\x02" and sniff(path) == "safetensors"
+    verify_safetensors(path)
+    path.write_bytes(path.read_bytes() + b"extra")
+    assert sniff(path) == "oversized"
+    with pytest.raises(CorruptWeightsError, match="bytes after its last tensor"):
+        verify_safetensors(path)

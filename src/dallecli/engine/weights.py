@@ -23,9 +23,13 @@ LFS_POINTER_PREFIX = b"version https://git-lfs"
 def sniff(path: Path) -> str:
     """Classify a file by its first bytes and size.
 
+    A safetensors header is recognised first (its 8-byte length, then JSON starting with ``{``): a header of
+    640 bytes makes the file start with ``0x80 0x02``, the opening of a protocol-2 pickle.
+
     Returns:
-        "safetensors", "pickle", "zip" (torch's zipped pickle), "lfs-pointer", "truncated" (a safetensors
-        header that claims more bytes than the file has) or "unknown".
+        "safetensors" (exactly as long as its header says), "pickle", "zip" (torch's zipped pickle),
+        "lfs-pointer", "truncated" (shorter than its header says), "oversized" (bytes after the last tensor,
+        which the safetensors format does not allow) or "unknown".
     """
     size = path.stat().st_size
     with path.open("rb") as handle:
@@ -34,12 +38,12 @@ def sniff(path: Path) -> str:
             return "lfs-pointer"
         if head.startswith(b"PK\x03\x04"):
             return "zip"
-        if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-            return "pickle"
-        if len(head) < 8:
-            return "truncated" if head else "unknown"
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if header_len > MAX_HEADER_BYTES:
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+        if header_len is None or header_len > MAX_HEADER_BYTES or head[8:9] not in (b"{", b""):
+            if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+                return "pickle"
+            if header_len is None:
+                return "truncated" if head else "unknown"
             return "unknown"
         if 8 + header_len > size:
             return "truncated"
@@ -56,6 +60,8 @@ def sniff(path: Path) -> str:
     expected = 8 + header_len + (max(ends) if ends else 0)
     if size < expected:
         return "truncated"
+    if size > expected:
+        return "oversized"
     return "safetensors"
 
 
@@ -78,6 +84,11 @@ def verify_safetensors(path: Path) -> None:
     if kind == "truncated":
         raise CorruptWeightsError(
             f"{path} is truncated (shorter than its safetensors header says); delete it and re-download"
+        )
+    if kind == "oversized":
+        raise CorruptWeightsError(
+            f"{path} has bytes after its last tensor (a safetensors file ends where its header says); it is "
+            "damaged or not what it claims to be: delete it and re-download"
         )
     if kind == "lfs-pointer":
         raise CorruptWeightsError(

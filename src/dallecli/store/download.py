@@ -489,6 +489,7 @@ def verify_download(plan: DownloadPlan, folder: Path) -> list[str]:
             kind = sniff(path)
             _remove_from_cache(path)
             what = {"truncated": "is truncated (shorter than its safetensors header says)",
+                    "oversized": "is longer than its safetensors header says (damaged)",
                     "lfs-pointer": "is a Git LFS pointer file, not the weights",
                     "pickle": "is a pickle file whatever its name says (pickles can run code)",
                     "zip": "is a zipped torch pickle whatever its name says (pickles can run code)",
