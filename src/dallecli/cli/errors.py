@@ -1,6 +1,7 @@
 """The one place where errors become a one-line message on stderr and an exit code.
 
-Exit codes: 1 runtime error (file-system errors included), 2 usage error, 3 out of memory, 130 interrupted (Ctrl-C).
+Exit codes: 1 runtime error (file-system errors and unforeseen faults included: one line, never a traceback),
+2 usage error, 3 out of memory, 130 interrupted (Ctrl-C).
 ``DALLE_DEBUG=1`` re-raises so the traceback shows.
 """
 
@@ -63,11 +64,16 @@ def handles_errors(command):
             if known is not None:
                 err().print(f"error: {known[1]}", markup=False)
                 raise typer.Exit(known[0]) from None
-            if not isinstance(exc, OSError):
+            if isinstance(exc, OSError):  # the file system refused something the checks could not foresee
+                where = f": {exc.filename}" if exc.filename else ""
+                err().print(f"error: {exc.strerror or exc}{where}", markup=False)
+                raise typer.Exit(1) from None
+            if type(exc).__module__.startswith(("click", "typer")):  # Exit, Abort, usage errors: Typer handles them
                 raise
-            # the file system refused something the checks could not foresee
-            where = f": {exc.filename}" if exc.filename else ""
-            err().print(f"error: {exc.strerror or exc}{where}", markup=False)
+            # a fault of dalle or a library that no check foresaw: one line, the traceback on request
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            err().print(f"error: unexpected {type(exc).__name__}{': ' + first if first else ''} (run again with "
+                        "DALLE_DEBUG=1 for the traceback, and please report it)", markup=False)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if debug_enabled():

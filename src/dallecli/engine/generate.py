@@ -274,7 +274,8 @@ class Engine:
             with torch.inference_mode():
                 output = self.pipe(
                     prompt=prompts,
-                    negative_prompt=[request.negative_prompt] * len(prompts) if request.negative_prompt else None,
+                    # only when given: PixArt's default is "" and it fails on None
+                    **({"negative_prompt": [request.negative_prompt] * len(prompts)} if request.negative_prompt else {}),
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
                     width=request.width,

@@ -252,6 +252,11 @@ def load_components(model: str | None, revision: str | None = None, cache_dir: P
     if resolved.single_file:
         raise UsageError(f"dalle finetune needs a diffusers folder or a downloaded model; {resolved.name} is a "
                          "single-file checkpoint (dalle generate takes those)")
+    index = json.loads((resolved.path / "model_index.json").read_text(encoding="utf-8"))
+    loaded = {key for key, value in index.items() if isinstance(value, list) and len(value) == 2 and value[0]}
+    if "unet" not in loaded or {"text_encoder_2", "text_encoder_3", "transformer"} & loaded:
+        raise UsageError(f"{resolved.name} ({index.get('_class_name')}) is not supported by dalle finetune: it trains "
+                         "UNet pipelines with one text encoder (Stable Diffusion 1.x/2.x-like, the embedded model)")
     verify_folder(resolved.path)
     quiet_libraries()
     from diffusers import DiffusionPipeline
@@ -260,7 +265,7 @@ def load_components(model: str | None, revision: str | None = None, cache_dir: P
     pipe = DiffusionPipeline.from_pretrained(resolved.path, **pretrained_kwargs(resolved.path, "float32", preferred))
     pipe.set_progress_bar_config(disable=True)
     missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer") if getattr(pipe, n, None) is None]
-    if missing or getattr(pipe, "text_encoder_2", None) is not None:
+    if missing:
         raise UsageError(f"{resolved.name} ({type(pipe).__name__}) is not supported by dalle finetune: it trains "
                          "UNet pipelines with one text encoder (Stable Diffusion 1.x/2.x-like, the embedded model)")
     return resolved, pipe
