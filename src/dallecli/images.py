@@ -103,6 +103,8 @@ def a1111_parameters(settings: dict, sampler: str) -> str:
         f"Steps: {settings['steps']}", f"Sampler: {sampler}", f"CFG scale: {settings['guidance_scale']:g}",
         f"Seed: {settings['seed']}", f"Size: {settings['width']}x{settings['height']}", f"Model: {settings['model']}",
     ]
+    if settings.get("clip_skip") and settings["clip_skip"] > 1:
+        fields.append(f"Clip skip: {settings['clip_skip']}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -188,7 +190,7 @@ def parse_a1111(text: str) -> dict:
     result: dict = {"prompt": "\n".join(prompt_lines).strip(), "negative_prompt": negative}
     fields = dict(re.findall(r"\s*([\w ]+):\s*([^,]+)", fields_line))
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-                  "Sampler": ("sampler", str), "Model": ("model", str)}
+                  "Sampler": ("sampler", str), "Model": ("model", str), "Clip skip": ("clip_skip", int)}
     for key, (name, convert) in converters.items():
         if key in fields:
             try:

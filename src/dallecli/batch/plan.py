@@ -24,7 +24,7 @@ SEED_STRIDE = MAX_IMAGES_PER_ROW
 DEFAULT_BATCH_SIZE = 4
 # the fields that identify a finished image in the manifest (a job with the same values is not redone)
 KEY_FIELDS = ("row", "image", "prompt", "seed", "negative_prompt", "steps", "guidance_scale", "width", "height",
-              "model", "scheduler")
+              "model", "scheduler", "clip_skip")
 
 
 def image_seed(base_seed: int, row: int, image: int, row_seed: int | None = None) -> int:
@@ -103,6 +103,7 @@ class BatchOptions:
     negative_prompt: str | None = None
     scheduler: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
+    clip_skip: int | None = None  # AUTOMATIC1111 numbering; None (or 1) skips nothing
 
 
 def validate_options(options: BatchOptions) -> None:
@@ -114,6 +115,7 @@ def validate_options(options: BatchOptions) -> None:
     validate_request(GenerationRequest(
         prompt="-", negative_prompt=options.negative_prompt, num_images=options.n, steps=options.steps,
         guidance_scale=options.guidance, width=options.width, height=options.height, batch_size=options.batch_size,
+        clip_skip=options.clip_skip,
     ))
     if options.n > MAX_IMAGES_PER_ROW:
         raise UsageError(f"-n/--num-images is at most {MAX_IMAGES_PER_ROW} per row in dalle batch (got {options.n})")
@@ -132,12 +134,14 @@ class Settings:
     height: int
     model: str
     scheduler: str  # the --scheduler name, "default" for the model's own
+    clip_skip: int | None = None  # AUTOMATIC1111 numbering, >= 2; None skips nothing
 
     def request(self) -> GenerationRequest:
         """These settings as a request for :meth:`~dallecli.engine.generate.Engine.generate_items`."""
         return GenerationRequest(
             prompt="-", negative_prompt=self.negative_prompt, steps=self.steps, guidance_scale=self.guidance_scale,
             width=self.width, height=self.height, scheduler=None if self.scheduler == "default" else self.scheduler,
+            clip_skip=self.clip_skip,
         )
 
 
@@ -199,6 +203,7 @@ def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: 
             steps=int(pick("steps", options.steps)), guidance_scale=float(pick("guidance", options.guidance)),
             width=int(pick("width", options.width)), height=int(pick("height", options.height)),
             model=model, scheduler=options.scheduler or "default",
+            clip_skip=options.clip_skip if options.clip_skip != 1 else None,
         )
         for image in range(given.get("n", options.n)):
             seed = image_seed(base_seed, row.row, image, given.get("seed"))

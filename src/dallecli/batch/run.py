@@ -133,6 +133,8 @@ def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -
                     "guidance_scale": s.guidance_scale, "width": s.width, "height": s.height, "model": s.model}
         if s.scheduler != "default":
             expected["scheduler"] = s.scheduler
+        if s.clip_skip is not None:
+            expected["clip_skip"] = s.clip_skip
         if stored and stored.get("source") == "dalle" and all(stored.get(k) == v for k, v in expected.items()):
             append_record(folder, {"type": "image", "status": "done", **job.fields(), **(extra or {}),
                                    "sampler": stored.get("scheduler"), "dtype": stored.get("dtype"),

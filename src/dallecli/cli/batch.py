@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
-                                  Scheduler, Steps, Vae, Width)
+from dallecli.cli.options import (CacheDir, ClipSkip, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt,
+                                  Revision, Scheduler, Steps, Vae, Width)
 
 MAX_LISTED = 20  # malformed rows listed before "and N more"
 
@@ -32,6 +32,7 @@ def batch(
     revision: Revision = None,
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
+    clip_skip: ClipSkip = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder for the images and manifest.jsonl (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass, across prompts with the same settings; seeds do not depend on it.")] = 4,
     device: Device = None,
@@ -57,7 +58,8 @@ def batch(
 
     scheduler = scheduler or user_default("scheduler")
     options = BatchOptions(n=num_images, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                           negative_prompt=negative_prompt or None, scheduler=scheduler, batch_size=batch_size)
+                           negative_prompt=negative_prompt or None, scheduler=scheduler, batch_size=batch_size,
+                           clip_skip=clip_skip if clip_skip != 1 else None)
     validate_options(options)  # before anything loads
     validate_scheduler(scheduler)
     shard_spec = parse_shard(shard) if shard is not None else shard_from_env()
@@ -115,6 +117,7 @@ def batch(
         first = batches[0][0].settings
         report_memory_choice(engine.memory(first.width, first.height, len(batches[0]), first.guidance_scale > 1))
         engine.pipe  # load once, outside the timed generation  # noqa: B018
+        engine.check_clip_skip(options.clip_skip)  # a usage error (exit 2), not a failure of every row
     load_seconds = time.perf_counter() - load_started
     started = time.perf_counter()
     with step_progress(sum(b[0].settings.steps for b in batches), "generating") as bar:

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
-                                  Scheduler, Steps, Vae, Width)
+from dallecli.cli.options import (CacheDir, ClipSkip, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt,
+                                  Revision, Scheduler, Steps, Vae, Width)
 
 
 def _from_image(path: Path) -> dict:
@@ -32,6 +32,7 @@ def generate(
     revision: Revision = None,
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
+    clip_skip: ClipSkip = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1: any image reproducible alone, bit for bit); larger is faster, pixels may move by 1 level.")] = None,
     device: Device = None,
@@ -40,7 +41,7 @@ def generate(
     low_memory: LowMemory = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
-    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA file to apply, PATH[:SCALE] (scale 1 by default); repeatable.")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA to apply, PATH[:SCALE] or a registry LoRA NAME[:SCALE] after `dalle download NAME` (scale 1 by default); repeatable.")] = None,
 ) -> None:
     """Generate images from a text prompt."""
     from dallecli.cli.console import info, out as print_line, out_json, report_memory_choice, step_progress, warn
@@ -67,6 +68,7 @@ def generate(
         model = model if model is not None else stored.get("model")
         dtype = dtype if dtype is not None else stored.get("dtype")
         vae = vae if vae is not None else stored.get("vae")
+        clip_skip = clip_skip if clip_skip is not None else stored.get("clip_skip")
     if prompt is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
     from dallecli.engine.lora import parse_lora
@@ -75,12 +77,12 @@ def generate(
     if lora:
         loras = tuple(parse_lora(text) for text in lora)
     else:
-        loras = tuple(LoraSpec(e["path"], e.get("scale", 1.0)) for e in stored.get("loras") or [])
+        loras = tuple(LoraSpec(e.get("registry") or e["path"], e.get("scale", 1.0)) for e in stored.get("loras") or [])
     scheduler = scheduler or user_default("scheduler")
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
         guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
-        loras=loras,
+        loras=loras, clip_skip=clip_skip,
     )
     validate_request(request)  # before any model loads
     validate_scheduler(scheduler)

@@ -16,7 +16,7 @@ from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, 
 from dallecli.engine.schedulers import check_steps, make_scheduler, scheduler_name, validate_scheduler
 from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError
 from dallecli.store.registry import PIPELINE_FAMILIES, defaults_for, tiny_decoder_for
-from dallecli.store.resolve import ResolvedModel, resolve_model, resolve_vae
+from dallecli.store.resolve import ResolvedModel, resolve_lora, resolve_model, resolve_vae
 
 StepCallback = Callable[[int, int], None]  # (steps done in this batch, steps per batch)
 
@@ -82,6 +82,7 @@ class Engine:
                  cache_dir: Path | None = None, *, vae: str | None = None, low_memory: bool | None = None,
                  revision: str | None = None):
         self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir, revision=revision)
+        self.cache_dir = cache_dir  # also where registry LoRAs (``--lora NAME``) are looked up
         self.notices: list[str] = [self.model.notice] if self.model.notice else []
         self.device = resolve_device(device)
         self._single = None  # the detected single-file checkpoint (engine/single_file.py), read once
@@ -201,6 +202,8 @@ class Engine:
         validate_scheduler(request.scheduler)
         request = request.with_defaults(self.defaults())
         validate_request(request)
+        for spec in request.loras:  # a registry LoRA that is not downloaded fails before the model loads
+            resolve_lora(spec.path, self.cache_dir)
         seed = request.seed if request.seed is not None else random_seed()
         request = replace(request, seed=seed, batch_size=request.batch_size or 1)
         return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
@@ -211,8 +214,8 @@ class Engine:
         Raises:
             LoraError, UnsafeWeightsError, CorruptWeightsError: see :func:`dallecli.engine.lora.apply_loras`.
         """
-        key = tuple((str(Path(s.path).expanduser().resolve()), Path(s.path).expanduser().stat().st_mtime_ns
-                     if Path(s.path).expanduser().exists() else None, float(s.scale)) for s in loras)
+        files = [resolve_lora(s.path, self.cache_dir)[0] for s in loras]  # a path, or a registry name's file
+        key = tuple((str(path.resolve()), path.stat().st_mtime_ns, float(s.scale)) for path, s in zip(files, loras))
         from dallecli.engine.lora import apply_loras, loaded_adapters
 
         # the loaded pipeline is shared by every Engine on the same model: trust what it holds, not a memo
@@ -222,9 +225,43 @@ class Engine:
         if self._loras and self._loras[0] == key and len(held) == len(key):
             return [dict(entry) for entry in self._loras[1]]
         self._loras = ()
-        applied = apply_loras(self.pipe, list(loras))
+        applied = apply_loras(self.pipe, list(loras), cache_dir=self.cache_dir)
         self._loras = (key, applied) if key else ()
         return [dict(entry) for entry in applied]
+
+    def check_clip_skip(self, clip_skip: int | None) -> None:
+        """Check an AUTOMATIC1111 clip skip (1 = none, 2 = penultimate layer) against the loaded pipeline.
+
+        Raises:
+            UsageError: the pipeline's ``__call__`` takes no ``clip_skip``, or ``clip_skip`` would skip every layer
+                of its text encoder(s).
+        """
+        if clip_skip is None or clip_skip == 1:
+            return
+        import inspect
+
+        pipe = self.pipe
+        if "clip_skip" not in inspect.signature(type(pipe).__call__).parameters:
+            raise UsageError(f"--clip-skip: {type(pipe).__name__} has no clip skip (it applies to CLIP text "
+                             "encoders of SD 1.x/2.x, SDXL and SD 3 pipelines); leave it out or use 1")
+        layers = [e.config.num_hidden_layers for e in (getattr(pipe, "text_encoder", None),
+                                                       getattr(pipe, "text_encoder_2", None))
+                  if e is not None and hasattr(e.config, "num_hidden_layers")]
+        if not layers:
+            return
+        # SDXL and SD 3 (a second CLIP encoder) already read the penultimate layer: diffusers skips one more
+        largest = min(layers) - (1 if getattr(pipe, "text_encoder_2", None) is not None else 0)
+        if clip_skip > largest:
+            raise UsageError(f"--clip-skip {clip_skip} would skip every layer of this model's text encoder "
+                             f"({min(layers)} layers); use 1 to {largest}")
+        encoder = getattr(pipe, "text_encoder", None)
+        if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
+            # diffusers' SD 1.x/2.x pipelines apply ``text_encoder.text_model.final_layer_norm`` to the skipped-to
+            # layer; transformers 5 flattened ``text_model`` into CLIPTextModel. A plain attribute (not a
+            # registered submodule: the weights and state dict are unchanged) gives them the path they read.
+            from types import SimpleNamespace
+
+            object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
 
     def _use_scheduler(self, name: str | None) -> str:
         pipe = self.pipe
@@ -283,6 +320,8 @@ class Engine:
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                     output_type="pt",
                     callback_on_step_end=callback,
+                    # A1111's clip skip N is diffusers' N - 1; left out when off, for pipelines without it
+                    **({"clip_skip": request.clip_skip - 1} if request.clip_skip and request.clip_skip > 1 else {}),
                 )
         except torch.OutOfMemoryError as exc:
             raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
@@ -317,6 +356,7 @@ class Engine:
             model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.dtype,
             device=self.device, version=__version__, loras=loras, truncation=check.as_metadata(),
             vae=self.vae.name if self.vae is not None else None,
+            clip_skip=request.clip_skip if request.clip_skip and request.clip_skip > 1 else None,
         )
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GeneratedImage]:
@@ -344,6 +384,7 @@ class Engine:
         request, seeds = self.plan(request)
         scheduler = self._use_scheduler(request.scheduler)
         check_steps(self.pipe.scheduler, request.steps)
+        self.check_clip_skip(request.clip_skip)
         loras = self._use_loras(request.loras)
         check, warnings = self.prompt_warnings(request)
         batch_size = request.batch_size
@@ -386,6 +427,7 @@ class Engine:
         validate_request(request)
         scheduler = self._use_scheduler(request.scheduler)
         check_steps(self.pipe.scheduler, request.steps)
+        self.check_clip_skip(request.clip_skip)
         loras = self._use_loras(request.loras)
         prompts, seeds = [p for p, _ in items], [s for _, s in items]
         images = self._run_pass(prompts, seeds, request, on_step)

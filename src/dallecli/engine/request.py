@@ -35,6 +35,8 @@ class GenerationRequest:
         batch_size: images per forward pass (None: 1, so each image is reproducible alone bit for bit;
             larger is faster and may move a pixel by one 8-bit level against another batch size).
         loras: LoRAs to apply, in order.
+        clip_skip: AUTOMATIC1111's clip skip: 1 (or None) uses the text encoder's last layer, 2 the penultimate
+            layer's output, ... (diffusers' ``clip_skip`` is this minus 1).
     """
 
     prompt: str
@@ -48,6 +50,7 @@ class GenerationRequest:
     scheduler: str | None = None
     batch_size: int | None = None
     loras: tuple[LoraSpec, ...] = ()
+    clip_skip: int | None = None
 
     def with_defaults(self, defaults: dict) -> GenerationRequest:
         """Fill ``None`` fields from ``{"steps", "guidance", "width", "height"}``."""
@@ -80,9 +83,13 @@ class ImageSettings:
     loras: list[dict] = field(default_factory=list)
     truncation: dict | None = None
     vae: str | None = None  # a replacement VAE (``--vae``), None for the model's own
+    clip_skip: int | None = None  # A1111 numbering, >= 2; None when no layer was skipped (not written then)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["clip_skip"] is None:
+            del data["clip_skip"]
+        return data
 
 
 def nearest_multiples(value: int, base: int = 8) -> tuple[int, int]:
@@ -118,5 +125,9 @@ def validate_request(request: GenerationRequest) -> None:
     if request.guidance_scale is not None and not 0 <= request.guidance_scale <= MAX_GUIDANCE:
         # NaN fails this comparison too: it would be written into metadata and JSON
         raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g} (got {request.guidance_scale})")
+    if request.clip_skip is not None and (isinstance(request.clip_skip, bool) or not isinstance(request.clip_skip, int)
+                                          or request.clip_skip < 1):
+        raise UsageError(f"--clip-skip must be a whole number >= 1 (1 = no skip, 2 = penultimate layer; "
+                         f"got {request.clip_skip!r})")
     if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.num_images + 1:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED - request.num_images + 1} (got {request.seed})")

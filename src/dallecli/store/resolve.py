@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from dallecli import __version__
-from dallecli.errors import ModelNotFoundError, UnsafeWeightsError, UsageError
+from dallecli.errors import LoraError, ModelNotFoundError, UnsafeWeightsError, UsageError
 from dallecli.store.registry import EMBEDDED, ModelSpec, canonical_name, lookup
 from dallecli.engine.weights import PICKLE_SUFFIXES
 
@@ -136,6 +136,39 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
         raise ModelNotFoundError(f"model '{name}' is not downloaded{where}; run `{download}`")
     folder = found.parent
     return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name, notice)
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name; what a LoRA repo's download holds
+
+
+def resolve_lora(name: str, cache_dir: Path | None = None) -> tuple[Path, str | None]:
+    """Find the file that ``--lora NAME`` means, without any network access: an existing path wins; else a
+    registry LoRA entry (alias or repo id) downloaded into the HF cache with ``dalle download NAME``.
+
+    Args:
+        name: a file path, or a registry LoRA alias such as ``lcm-lora-sdv1-5``.
+        cache_dir: HF cache folder (default: ``HF_HUB_CACHE``), as given to ``dalle download --cache-dir``.
+
+    Returns:
+        ``(path of the .safetensors file, registry alias or None for a plain path)``.
+
+    Raises:
+        LoraError: no such file, and not a registry name.
+        UsageError: a registry entry that is not a LoRA.
+        ModelNotFoundError: a registry LoRA that is not downloaded (the message says how to get it).
+    """
+    local = Path(name).expanduser()
+    if local.exists():
+        return local, None
+    spec = lookup(name)
+    if spec is None:
+        raise LoraError(f"LoRA file {local} not found (nor a registry LoRA name; see `dalle models`)")
+    if spec.kind != "lora":
+        raise UsageError(f"--lora {name}: '{spec.alias}' is a {spec.kind} entry, not a LoRA")
+    found = _cached_file(spec.repo_id, getattr(spec, "file", None) or LORA_FILE, cache_dir, None)
+    if found is None:
+        raise ModelNotFoundError(f"LoRA '{spec.alias}' is not downloaded; run `dalle download {spec.alias}`")
+    return found, spec.alias
 
 
 def resolve_vae(name: str, cache_dir: Path | None = None) -> ResolvedModel:
