@@ -9,7 +9,7 @@ import typer
 
 from dallecli.cli.errors import handles_errors
 
-_ORDER = ("prompt", "negative_prompt", "model", "revision", "seed", "steps", "guidance_scale", "width", "height",
+_ORDER = ("prompt", "negative_prompt", "model", "model_revision", "seed", "steps", "guidance_scale", "width", "height",
           "scheduler", "sampler", "dtype", "loras", "version")
 
 
