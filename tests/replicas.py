@@ -117,26 +117,15 @@ def real_config(repo: str, path: str) -> dict:
 
 
 # --- tokenizers -------------------------------------------------------------------------------------------
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte -> symbol table, in CLIP's vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def clip_vocabulary(workdir: Path) -> tuple[dict[str, int], str]:
     """A small CLIP vocabulary: the 512 byte symbols in CLIP's order, merges for WORDS, then the two specials."""
     from dallecli.training.vocabulary import build_clip_vocabulary
 
     vocab_path, merges_path = build_clip_vocabulary([" ".join(WORDS)], workdir / "clipvocab")
     learnt = json.loads(vocab_path.read_text(encoding="utf-8"))
-    symbols = _bytes_to_unicode()
+    from dallecli.engine.single_file import clip_byte_symbols
+
+    symbols = list(clip_byte_symbols().values())  # in CLIP's vocabulary order
     order = symbols + [s + "</w>" for s in symbols]
     order += [t for t in sorted(learnt, key=learnt.get) if t not in set(order) and not t.startswith("<|")]
     order += ["<|startoftext|>", "<|endoftext|>"]

@@ -341,7 +341,7 @@ def clip_bpe_files() -> tuple[str, str]:
     gz = _shipped_root() / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.decompress(gz.read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(clip_byte_symbols().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     vocab_json = json.dumps({token: index for index, token in enumerate(vocab)}, ensure_ascii=False)
@@ -349,7 +349,7 @@ def clip_bpe_files() -> tuple[str, str]:
     return vocab_json, merges_txt
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def clip_byte_symbols() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
