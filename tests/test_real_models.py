@@ -337,3 +337,48 @@ def test_safetensors_is_recognised_before_the_pickle_opcode_and_must_end_where_i
     assert sniff(path) == "oversized"
     with pytest.raises(CorruptWeightsError, match="bytes after its last tensor"):
         verify_safetensors(path)
+
+
+def _diffusers_scheduler_classes() -> list[str]:
+    import diffusers
+
+    names = []
+    for name in dir(diffusers):
+        if not name.endswith("Scheduler"):
+            continue
+        try:
+            cls = getattr(diffusers, name)
+        except Exception:  # noqa: BLE001 - optional backends (flax, onnx) that are not installed
+            continue
+        if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) and "Flax" not in name:
+            names.append(name)
+    return sorted(names)
+
+
+def test_every_diffusers_scheduler_class_is_accepted_and_rebuilds_itself_or_is_refused_in_one_line():
+    """Whatever scheduler a model ships, its recorded name builds that scheduler again (--from replays it)."""
+    from dallecli.engine.schedulers import is_flow_matching, make_scheduler, scheduler_name, validate_scheduler
+    from dallecli.errors import UsageError
+
+    sd = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+          "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False}
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    names = _diffusers_scheduler_classes()
+    assert {"PNDMScheduler", "LCMScheduler", "FlowMatchEulerDiscreteScheduler", "DDIMScheduler"} <= set(names)
+    built = 0
+    for name in names:
+        validate_scheduler(name)
+        base = flow if is_flow_matching(name) else sd
+        try:
+            scheduler = make_scheduler(name, base)
+        except UsageError as exc:  # schedulers for other kinds of models (VQ-diffusion, unCLIP...): one line
+            assert "\n" not in str(exc) and f"--scheduler {name}" in str(exc), name
+            continue
+        built += 1
+        recorded = scheduler_name(scheduler)
+        again = make_scheduler(recorded, base)
+        assert type(again) is type(scheduler) and scheduler_name(again) == recorded, name
+    assert built >= 20
+    with pytest.raises(UsageError, match="does not fit this flow-matching model"):
+        make_scheduler("PNDMScheduler", flow)
+    assert type(make_scheduler("FlowMatchLCMScheduler", flow)).__name__ == "FlowMatchLCMScheduler"

@@ -24,7 +24,12 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     # Latent Consistency Models (arXiv 2310.04378): 2-8 steps with an LCM-distilled model or LCM-LoRA, guidance ~1
     "lcm": ("LCMScheduler", {}, "LCM"),
 }
-FLOW_MATCHING = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+FLOW_MATCHING_PREFIXES = ("FlowMatch", "FlowMap")  # FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, ...
+
+
+def is_flow_matching(class_name: str | None) -> bool:
+    """Whether a scheduler class integrates a flow-matching (rectified-flow) model: SD 3, FLUX, ..."""
+    return bool(class_name) and class_name.startswith(FLOW_MATCHING_PREFIXES)
 
 
 def scheduler_name(scheduler) -> str:
@@ -85,14 +90,18 @@ def make_scheduler(name: str, base_config):
     validate_scheduler(name)
     cls = scheduler_class(name)
     overrides = SCHEDULERS[name][1] if name in SCHEDULERS else {}
-    flow_model = base_config.get("_class_name") in FLOW_MATCHING
-    if flow_model != (cls.__name__ in FLOW_MATCHING):
+    flow_model = is_flow_matching(base_config.get("_class_name"))
+    if flow_model != is_flow_matching(cls.__name__):
         kind = "flow-matching" if flow_model else "diffusion (noise-prediction)"
         raise UsageError(f"--scheduler {name} does not fit this {kind} model; leave --scheduler out")
     if overrides.get("use_karras_sigmas") and base_config.get("rescale_betas_zero_snr"):
         # Karras spacing needs a finite largest sigma; a zero-terminal-SNR schedule has an infinite one
         raise UsageError(f"--scheduler {name} does not fit this model's zero-terminal-SNR schedule; use dpm++")
-    return cls.from_config(base_config, **overrides)
+    try:
+        return cls.from_config(base_config, **overrides)
+    except (TypeError, ValueError, NotImplementedError) as exc:  # a scheduler for another kind of model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--scheduler {name} cannot be built from this model's scheduler settings ({first})") from None
 
 
 def check_steps(scheduler, steps: int) -> None:
