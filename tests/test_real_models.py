@@ -91,6 +91,14 @@ def test_fp16_only_folder_generates_in_float32_and_finetunes(half_pipeline, tmp_
                     str(tmp_path / "lora"))
     assert tuned.exit_code == 0, tuned.output
     assert (tmp_path / "lora" / "lora.safetensors").is_file()
+    styled = _invoke("generate", "a red circle", "--model", str(half_pipeline), "--steps", "2", "--width", "32",
+                     "--height", "32", "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "styled"))
+    assert styled.exit_code == 0, styled.output  # the folder finetune wrote stands for its lora.safetensors
+    assert json.loads(Image.open(styled.stdout.strip()).text["dalle"])["loras"][0]["path"].endswith("lora.safetensors")
+    taken = tmp_path / "taken.txt"
+    taken.write_text("mine")
+    refused = _invoke("finetune", str(data), "--model", str(half_pipeline), "--steps", "1", "--output", str(taken))
+    assert refused.exit_code == 2 and "is a file" in refused.output and taken.read_text() == "mine"
 
 
 # --- schedulers -------------------------------------------------------------------------------------------
@@ -163,6 +171,23 @@ def test_malformed_model_names_are_one_line_usage_errors(args):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "HFValidationError" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+
+
+def test_prompts_that_are_not_utf8_and_files_that_are_not_models_are_one_line(tmp_path):
+    from dallecli.engine.request import GenerationRequest, validate_request
+    from dallecli.errors import UsageError
+
+    with pytest.raises(UsageError, match="the prompt is not valid UTF-8 \\(byte 0xe9 at position 3\\)"):
+        validate_request(GenerationRequest(prompt="caf\udce9"))
+    with pytest.raises(UsageError, match="--negative-prompt is not valid UTF-8"):
+        validate_request(GenerationRequest(prompt="a cat", negative_prompt="\udcff"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello\n")
+    for args in (("--model", str(notes)), ("--lora", str(notes))):
+        done = run_dalle("generate", "a cat", *args, "--out", str(tmp_path / "out"))
+        assert done.returncode != 0 and "is not a safetensors file" in done.stderr, done.stderr
+        assert "re-download" not in done.stderr and "delete" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and notes.read_text() == "hello\n"
 
 
 def test_library_error_table_translates_by_class_name():
@@ -307,7 +332,52 @@ def test_revision_and_cache_dir_given_to_download_are_what_generate_reads(online
     assert missing.returncode == 1 and "dalle download sd-1.5" in missing.stderr
     made = run_dalle("generate", "a cat", *common, "--revision", commit, "--cache-dir", str(cache))
     assert made.returncode == 0, made.stderr
-    assert json.loads(Image.open(made.stdout.strip()).text["dalle"])["model_revision"] == commit
+    png = made.stdout.strip()
+    assert json.loads(Image.open(png).text["dalle"])["model_revision"] == commit
+    # --from replays the recorded commit (no refs/main points at it), pixel for pixel
+    again = run_dalle("generate", "--from", png, "--cache-dir", str(cache), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(again.stdout.strip())))
+    # a recorded commit that is not downloaded: the downloaded revision, with a notice saying so
+    stored = json.loads(Image.open(png).text["dalle"])
+    stored["model_revision"] = "f" * 40
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("dalle", json.dumps(stored))
+    Image.open(png).save(tmp_path / "old.png", pnginfo=info)
+    older = run_dalle("generate", "--from", str(tmp_path / "old.png"), "--cache-dir", str(cache), "--revision", commit,
+                      "--out", str(tmp_path / "older"))
+    assert older.returncode == 0 and "not downloaded" not in older.stderr  # --revision given: it wins
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert run_dalle("download", "sd-1.5").returncode == 0  # main, in the default cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fallback = run_dalle("generate", "--from", str(tmp_path / "old.png"), "--out", str(tmp_path / "fallback"))
+    assert fallback.returncode == 0, fallback.stderr
+    assert "at ffffffffffff, which is not downloaded; using the downloaded revision, so pixels may differ" in fallback.stderr
+    assert f"dalle download sd-1.5 --revision {'f' * 40}" in fallback.stderr
+
+
+def test_a_partly_downloaded_model_says_so_and_bad_download_options_are_usage_errors(online, monkeypatch, tmp_path):
+    done = run_dalle("download", "sd-1.5")
+    assert done.returncode == 0, done.stderr
+    snapshot = Path(done.stdout.strip())
+    (snapshot / "unet" / "diffusion_pytorch_model.fp16.safetensors").unlink()  # as after Ctrl-C
+    from dallecli.store.resolve import missing_components
+
+    assert missing_components(snapshot) == ["unet"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    made = run_dalle("generate", "a cat", "--model", "sd-1.5", "--steps", "2", "--out", str(tmp_path / "o"))
+    assert made.returncode == 1 and "only partly downloaded (unet missing" in made.stderr
+    assert "dalle download sd-1.5" in made.stderr and not (tmp_path / "o").exists()
+    listed = run_dalle("models")
+    assert "sd-1.5 is only partly downloaded" in listed.stderr
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    variant = run_dalle("download", "sd-1.5", "--variant", "fp8", "--dry-run")
+    assert variant.returncode == 2 and "has no fp8 weights (it has: fp16)" in variant.stderr
+    (tmp_path / "file").write_text("x")
+    cache = run_dalle("download", "sd-1.5", "--cache-dir", str(tmp_path / "file"))
+    assert cache.returncode == 2 and "--cache-dir" in cache.stderr and len(cache.stderr.strip().splitlines()) == 1
 
 
 def test_a1111_sampler_names_map_back_to_schedulers():

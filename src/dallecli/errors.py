@@ -60,6 +60,12 @@ class LoraError(DalleError):
     """A LoRA file that cannot be applied, or that matches no layer of the model."""
 
 
+class LoraMismatchError(LoraError):
+    """A LoRA made for another model family (its cross-attention width differs): a usage error, exit code 2."""
+
+    exit_code = 2
+
+
 class CheckpointError(DalleError):
     """A training checkpoint that cannot be read or resumed from."""
 

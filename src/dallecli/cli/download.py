@@ -55,6 +55,10 @@ def download(
     from dallecli.store.download import human_size, missing_bytes, plan_download
     from dallecli.store.download import download as fetch
 
+    if cache_dir is not None:
+        from dallecli.images import prepare_output_folder
+
+        prepare_output_folder(cache_dir, "--cache-dir")
     plan = plan_download(name, revision=revision, variant=variant, token=token)
     if plan.notice:
         info(plan.notice)
@@ -78,6 +82,8 @@ def download(
         for path, reason in plan.skipped:
             info(f"skipped {path}: {reason}")
         return
+    for companion in plan.companions:
+        info(f"with {companion.repo_id} ({companion.spec.note if companion.spec else 'VAE'})")
     needed, missing = missing_bytes(plan, cache_dir)
     if missing:
         info(f"{plan.repo_id} @ {plan.commit}: {len(missing)} file(s) missing, {human_size(needed)}"

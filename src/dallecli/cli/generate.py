@@ -91,7 +91,8 @@ def generate(
     from dallecli.engine.generate import Engine
 
     engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
-                    cache_dir, vae=vae, low_memory=low_memory, revision=revision)
+                    cache_dir, vae=vae, low_memory=low_memory, revision=revision,
+                    recorded_revision=stored.get("model_revision") if model == stored.get("model") else None)
     for notice in engine.notices:
         info(notice)
     planned, _ = engine.plan(request)

@@ -35,6 +35,9 @@ def _print_list(cache_dir: Path | None, json_output: bool) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for m in models:
+        if m.missing:
+            info(f"{m.name} is only partly downloaded ({', '.join(m.missing)} missing); run `dalle download {m.name}` again")
     listed = {m.repo_id for m in models}
     more = [f"{s.alias} ({s.size_gb:g} GB)" for s in REGISTRY.values() if s.repo_id and s.repo_id not in listed]
     if more:

@@ -70,6 +70,8 @@ class Engine:
         low_memory: True/False forces low-memory mode on/off; None decides per image size from the free
             memory (:meth:`memory`).
         revision: branch, tag or commit of a downloaded Hub model (``dalle download --revision``; default main).
+        recorded_revision: the commit an image was made with (``--from``), used when downloaded and no
+            ``revision`` is given (see :func:`dallecli.store.resolve.resolve_model`).
 
     Attributes:
         notices: one-line notes for the user made while resolving (a renamed model, a VAE to download).
@@ -80,8 +82,9 @@ class Engine:
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  cache_dir: Path | None = None, *, vae: str | None = None, low_memory: bool | None = None,
-                 revision: str | None = None):
-        self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir, revision=revision)
+                 revision: str | None = None, recorded_revision: str | None = None):
+        self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir, revision=revision,
+                                                  recorded_revision=recorded_revision)
         self.cache_dir = cache_dir  # also where registry LoRAs (``--lora NAME``) are looked up
         self.notices: list[str] = [self.model.notice] if self.model.notice else []
         self.device = resolve_device(device)
@@ -252,8 +255,9 @@ class Engine:
         # SDXL and SD 3 (a second CLIP encoder) already read the penultimate layer: diffusers skips one more
         largest = min(layers) - (1 if getattr(pipe, "text_encoder_2", None) is not None else 0)
         if clip_skip > largest:
+            allowed = "1" if largest <= 1 else f"1 to {largest}"
             raise UsageError(f"--clip-skip {clip_skip} would skip every layer of this model's text encoder "
-                             f"({min(layers)} layers); use 1 to {largest}")
+                             f"({min(layers)} layers); use {allowed}")
         encoder = getattr(pipe, "text_encoder", None)
         if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
             # diffusers' SD 1.x/2.x pipelines apply ``text_encoder.text_model.final_layer_norm`` to the skipped-to

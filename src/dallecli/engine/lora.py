@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dallecli.engine.request import LoraSpec
-from dallecli.errors import LoraError, UsageError
+from dallecli.errors import LoraError, LoraMismatchError, UsageError
 
 ADAPTER_PREFIX = "dalle_lora_"
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -127,8 +127,10 @@ def _fold_alpha(state: dict, metadata: dict) -> dict:
 
 
 def family_name(width: int) -> str:
-    """``768`` -> ``"SD 1.x"``; a width no known family has -> ``"a model of cross-attention width W"``."""
-    return CROSS_ATTENTION_FAMILIES.get(width, f"a model of cross-attention width {width}")
+    """``768`` -> ``"SD 1.x (cross-attention 768)"``; a width no known family has -> ``"a model with
+    cross-attention width W"``."""
+    family = CROSS_ATTENTION_FAMILIES.get(width)
+    return f"{family} (cross-attention {width})" if family else f"a model with cross-attention width {width}"
 
 
 def lora_cross_attention_width(state: dict) -> int | None:
@@ -150,22 +152,24 @@ def check_family(pipe, state: dict, name: str) -> None:
         name: the file name shown in the message.
 
     Raises:
-        LoraError: e.g. "LoRA x.safetensors was made for SDXL (cross-attention 2048); this model is SD 1.x (768)".
+        LoraMismatchError: e.g. "LoRA x.safetensors was made for SDXL (cross-attention 2048); this model is SD 1.x
+            (768)" (a usage error, exit code 2).
     """
     width = lora_cross_attention_width(state)
     if width is None:
         return
-    made_for = f"LoRA {name} was made for {family_name(width)} (cross-attention {width})"
+    made_for = f"LoRA {name} was made for {family_name(width)}"
     unet = getattr(pipe, "unet", None)
     if unet is None:
         if getattr(pipe, "transformer", None) is not None:
-            raise LoraError(f"{made_for}, a UNet model; this model is {type(pipe).__name__}, a transformer; "
+            raise LoraMismatchError(f"{made_for}, a UNet model; this model is {type(pipe).__name__}, a transformer; "
                             "use a LoRA made for it")
         return
     own = getattr(unet.config, "cross_attention_dim", None)
     if isinstance(own, int) and own != width:
-        raise LoraError(f"{made_for}; this model is {family_name(own)} ({own}); use a LoRA made for "
-                        f"{family_name(own)}")
+        theirs = CROSS_ATTENTION_FAMILIES.get(own)
+        raise LoraMismatchError(f"{made_for}; this model is {theirs or 'a model'} ({own}); use a LoRA made for "
+                                f"{theirs or 'it'}")
 
 
 def _quiet_diffusers():

@@ -102,11 +102,19 @@ def validate_request(request: GenerationRequest) -> None:
     """Check a request before any model loads.
 
     Raises:
-        UsageError: empty prompt, size not a multiple of 8 (naming the nearest valid sizes), or a count,
+        UsageError: empty prompt or one that is not valid UTF-8, size not a multiple of 8 (naming the nearest valid sizes), or a count,
             step number, guidance scale or seed out of range.
     """
     if not request.prompt or not request.prompt.strip():
         raise UsageError("the prompt is empty")
+    for name, text in (("the prompt", request.prompt), ("--negative-prompt", request.negative_prompt)):
+        try:
+            (text or "").encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes the terminal could not decode arrive as lone surrogates
+            code = ord(text[exc.start])
+            byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+            raise UsageError(f"{name} is not valid UTF-8 ({byte} at position {exc.start}); check the terminal's "
+                             "encoding (LANG/LC_ALL)") from None
     for name, value in (("--width", request.width), ("--height", request.height)):
         if value is None:
             continue

@@ -38,12 +38,10 @@ def sniff(path: Path) -> str:
             return "lfs-pointer"
         if head.startswith(b"PK\x03\x04"):
             return "zip"
-        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
-        if header_len is None or header_len > MAX_HEADER_BYTES or head[8:9] not in (b"{", b""):
+        header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 9 else None
+        if header_len is None or header_len > MAX_HEADER_BYTES or head[8:9] != b"{":
             if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
                 return "pickle"
-            if header_len is None:
-                return "truncated" if head else "unknown"
             return "unknown"
         if 8 + header_len > size:
             return "truncated"
@@ -83,7 +81,8 @@ def verify_safetensors(path: Path) -> None:
         )
     if kind == "truncated":
         raise CorruptWeightsError(
-            f"{path} is truncated (shorter than its safetensors header says); delete it and re-download"
+            f"{path} is truncated (shorter than its safetensors header says): an interrupted download? Download it "
+            "again"
         )
     if kind == "oversized":
         raise CorruptWeightsError(
@@ -94,7 +93,8 @@ def verify_safetensors(path: Path) -> None:
         raise CorruptWeightsError(
             f"{path} is a Git LFS pointer, not the weights; fetch the real file (git lfs pull) or re-download"
         )
-    raise CorruptWeightsError(f"{path} is not a safetensors file (unreadable header); re-download it")
+    raise CorruptWeightsError(f"{path} is not a safetensors file (no safetensors header); dalle loads weights from "
+                              ".safetensors files only")
 
 
 def refuse_pickle_only(folder: Path, what: str) -> None:

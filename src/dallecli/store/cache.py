@@ -31,6 +31,7 @@ class CachedModel:
         path: the snapshot (or embedded) folder.
         files: file paths relative to ``path``.
         kind: "pipeline", or the registry kind of a VAE, tiny VAE or LoRA entry.
+        missing: components a partly downloaded pipeline lacks (an interrupted download); empty when complete.
     """
 
     alias: str | None
@@ -42,6 +43,7 @@ class CachedModel:
     path: Path
     files: tuple[str, ...] = ()
     kind: str = "pipeline"
+    missing: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -51,7 +53,7 @@ class CachedModel:
     def as_dict(self) -> dict:
         return {"name": self.name, "alias": self.alias, "repo_id": self.repo_id, "revision": self.revision,
                 "refs": list(self.refs), "size_bytes": self.size_bytes, "family": self.family, "kind": self.kind,
-                "path": str(self.path)}
+                "missing": list(self.missing), "path": str(self.path)}
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ def list_models(cache_dir: Path | None = None) -> list[CachedModel]:
         Embedded model first, then repos by id, newest revision first. A missing cache gives only the
         embedded model. Never touches the network.
     """
+    from dallecli.store.resolve import missing_components
+
     models = [m for m in (_embedded(),) if m is not None]
     info = _scan(cache_dir)
     if info is None:
@@ -127,9 +131,10 @@ def list_models(cache_dir: Path | None = None) -> list[CachedModel]:
             if kind == "pipeline" and not (folder / "model_index.json").exists():
                 continue  # other tools' repos in the shared cache (language models, datasets...)
             files = tuple(sorted(f.file_path.relative_to(folder).as_posix() for f in rev.files))
+            missing = tuple(missing_components(folder)) if kind == "pipeline" else ()
             models.append(CachedModel(spec.alias if spec else None, repo.repo_id, rev.commit_hash,
                                       tuple(sorted(rev.refs)), rev.size_on_disk, _family(folder, spec), folder, files,
-                                      kind))
+                                      kind, missing))
     return models
 
 

@@ -334,6 +334,7 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
 
     name, notice = canonical_name(name)
     repo_id, spec = repo_for(name)
+    asked = variant
     if variant is None and spec is not None:
         variant = spec.variant
     revision = revision or "main"
@@ -361,6 +362,10 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
                 raise ModelNotFoundError(f"{repo_id}: model_index.json is not valid JSON") from exc
         files, skipped = select_files(listing, model_index, variant, repo_id)
     chosen_variant = variant if any(variant_of(os.path.basename(f.path)) == variant for f in files) else None
+    if asked and chosen_variant != asked:
+        present = sorted({v for p in listing if _suffix(p) == ".safetensors" and (v := variant_of(os.path.basename(p)))})
+        raise UsageError(f"--variant {asked}: {repo_id} has no {asked} weights"
+                         + (f" (it has: {', '.join(present)})" if present else " (only the plain files)"))
     return DownloadPlan(name, repo_id, revision, commit, chosen_variant, tuple(files), tuple(skipped), spec,
                         notice, companions)
 

@@ -7,6 +7,8 @@ this never touches the network; ``dalle download`` is the only command that does
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -59,6 +61,9 @@ def check_repo_id(name: str, option: str = "--model") -> str:
         validate_repo_id(name)
     except HFValidationError:
         if looks_like_path:
+            if option == "dalle download":
+                raise UsageError(f"dalle download {name}: give a registry alias (see `dalle models`) or an org/name "
+                                 "Hub repo id, not a path") from None
             raise UsageError(f"{option} {name}: no such file or folder") from None
         raise UsageError(f"{option} '{name}' is not a registry alias (see `dalle models`), a folder or an org/name "
                          "Hub repo id (letters, digits, '-', '_' and '.')") from None
@@ -82,7 +87,8 @@ def _cached_file(repo_id: str, filename: str, cache_dir: Path | None, revision: 
     return Path(found) if isinstance(found, str) else None
 
 
-def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str | None = None) -> ResolvedModel:
+def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str | None = None, *,
+                  recorded_revision: str | None = None) -> ResolvedModel:
     """Find the folder for ``name`` without any network access.
 
     Args:
@@ -90,6 +96,8 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
             the embedded model.
         cache_dir: HF cache folder (default: ``HF_HUB_CACHE``), as given to ``dalle download --cache-dir``.
         revision: branch, tag or commit downloaded with ``dalle download --revision`` (default: main).
+        recorded_revision: the commit an image records (``dalle generate --from``): used when no ``revision`` is
+            given and that snapshot is downloaded; otherwise the default one, with a notice that pixels may differ.
 
     Raises:
         ModelNotFoundError: nothing by that name is available locally (the message says how to get it).
@@ -129,13 +137,54 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
         raise UsageError(f"'{name}' is a {spec.kind} entry, not a text-to-image model; "
                          + ("use it with --lora" if spec.kind == "lora" else "use it with --vae"))
     repo_id = spec.repo_id if spec else check_repo_id(name)
-    download = f"dalle download {spec.alias if spec else repo_id}" + (f" --revision {revision}" if revision else "")
+    alias = spec.alias if spec else repo_id
+
+    def download(rev: str | None) -> str:
+        return (f"dalle download {alias}" + (f" --revision {rev}" if rev else "")
+                + (f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir else ""))
+
+    if revision is None and recorded_revision and re.fullmatch(r"[0-9a-f]{40}", recorded_revision):
+        if _cached_file(repo_id, "model_index.json", cache_dir, recorded_revision) is not None:
+            revision = recorded_revision
+        else:
+            notice = "; ".join(filter(None, (notice, (
+                f"the image was made with {alias} at {recorded_revision[:12]}, which is not downloaded; using the "
+                f"downloaded revision, so pixels may differ (`{download(recorded_revision)}` replays it exactly)"))))
     found = _cached_file(repo_id, "model_index.json", cache_dir, revision)
     if found is None:
         where = f" at revision {revision}" if revision else ""
-        raise ModelNotFoundError(f"model '{name}' is not downloaded{where}; run `{download}`")
+        raise ModelNotFoundError(f"model '{name}' is not downloaded{where}; run `{download(revision)}`")
     folder = found.parent
-    return ResolvedModel(spec.alias if spec else repo_id, folder, spec, folder.name, notice)
+    missing = missing_components(folder)
+    if missing:
+        raise ModelNotFoundError(f"model '{name}' is only partly downloaded ({', '.join(missing)} missing; an "
+                                 f"interrupted download?); run `{download(revision)}` again")
+    return ResolvedModel(alias, folder, spec, folder.name, notice)
+
+
+def missing_components(folder: Path) -> list[str]:
+    """The components that ``folder``'s ``model_index.json`` names but that are absent or have no weights (a
+    download that was interrupted); the safety checker and feature extractor, which dalle never loads, do not
+    count. Tokenizers and schedulers need no weights; a component with a ``config.json`` (a model) does."""
+    import json
+
+    from dallecli.store.download import SKIPPED_COMPONENTS
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["model_index.json"]
+    missing = []
+    for key, value in sorted(index.items()):
+        if key.startswith("_") or key in SKIPPED_COMPONENTS or not (isinstance(value, list) and len(value) == 2
+                                                                    and value[0] and value[1]):
+            continue
+        component = folder / key
+        if not component.is_dir() or not any(component.iterdir()):
+            missing.append(key)
+        elif (component / "config.json").is_file() and not any(component.glob("*.safetensors")):
+            missing.append(key)
+    return missing
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name; what a LoRA repo's download holds
@@ -146,7 +195,8 @@ def resolve_lora(name: str, cache_dir: Path | None = None) -> tuple[Path, str | 
     registry LoRA entry (alias or repo id) downloaded into the HF cache with ``dalle download NAME``.
 
     Args:
-        name: a file path, or a registry LoRA alias such as ``lcm-lora-sdv1-5``.
+        name: a file path, a folder written by ``dalle finetune`` (its ``lora.safetensors``), or a registry
+            LoRA alias such as ``lcm-lora-sdv1-5``.
         cache_dir: HF cache folder (default: ``HF_HUB_CACHE``), as given to ``dalle download --cache-dir``.
 
     Returns:
@@ -158,6 +208,10 @@ def resolve_lora(name: str, cache_dir: Path | None = None) -> tuple[Path, str | 
         ModelNotFoundError: a registry LoRA that is not downloaded (the message says how to get it).
     """
     local = Path(name).expanduser()
+    if local.is_dir():  # the folder `dalle finetune` writes
+        if (local / "lora.safetensors").is_file():
+            return local / "lora.safetensors", None
+        raise LoraError(f"--lora {local} is a folder without lora.safetensors; give the LoRA's .safetensors file")
     if local.exists():
         return local, None
     spec = lookup(name)
@@ -165,7 +219,7 @@ def resolve_lora(name: str, cache_dir: Path | None = None) -> tuple[Path, str | 
         raise LoraError(f"LoRA file {local} not found (nor a registry LoRA name; see `dalle models`)")
     if spec.kind != "lora":
         raise UsageError(f"--lora {name}: '{spec.alias}' is a {spec.kind} entry, not a LoRA")
-    found = _cached_file(spec.repo_id, getattr(spec, "file", None) or LORA_FILE, cache_dir, None)
+    found = _cached_file(spec.repo_id, LORA_FILE, cache_dir, None)
     if found is None:
         raise ModelNotFoundError(f"LoRA '{spec.alias}' is not downloaded; run `dalle download {spec.alias}`")
     return found, spec.alias

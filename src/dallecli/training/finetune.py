@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dallecli.images import default_mode
+from dallecli.images import default_mode, prepare_output_folder
 from dallecli import __version__
 from dallecli.errors import DatasetError, LoraError, UsageError
 from dallecli.training.dataset import FolderScan, check_captions, scan_folder
@@ -426,7 +426,7 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
     scan = scan_folder(config.data_dir, config.caption, config.caption_prefix)
     _emit(hooks.scanned, scan)
     check_captions(scan, config.allow_missing_captions)
-    output = config.output_dir()
+    output = prepare_output_folder(config.output_dir(), "--output")  # a file there is a usage error, up front
     checkpoints = output / "checkpoints"
     from dallecli.training.checkpoint import list_checkpoints
 
