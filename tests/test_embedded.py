@@ -70,3 +70,31 @@ def test_adherence_in_distribution():
     assert result["in_distribution"]["colour"]["accuracy"] >= 0.9
     assert result["in_distribution"]["shape"]["accuracy"] >= 0.85
     assert result["in_distribution"]["position"]["accuracy"] >= 0.8
+
+
+def test_words_the_embedded_model_does_not_know_are_named_once_and_recorded(tmp_path):
+    """Issue 15: "a cat astronaut" on the shapes model says what it does not know and how to get a real model."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+    from dallecli.engine.known_words import training_vocabulary, unknown_words
+    from dallecli.training import shapes
+
+    words, subject = training_vocabulary(embedded_model_path())
+    assert set(shapes.SHAPES) | {"small", "large", "background", "left", "corner"} <= words and "shapes" in subject
+    assert unknown_words("A small Red circle, top-left, on a white background!", words) == []
+    assert unknown_words("a cat astronaut riding a cat on the moon", words) == ["cat", "astronaut", "riding", "moon"]
+
+    result = CliRunner().invoke(app, ["generate", "a cat astronaut", "-n", "2", "--steps", "2", "--seed", "1",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "does not know" in line]
+    assert len(warnings) == 1 and "does not know: cat, astronaut" in warnings[0]
+    assert "dalle download sd-turbo" in warnings[0]
+    for path in result.stdout.split():
+        assert json.loads(Image.open(path).text["dalle"])["unknown_words"] == ["cat", "astronaut"]
+    known = CliRunner().invoke(app, ["generate", "a red circle on a blue background", "--steps", "2", "--seed", "1",
+                                     "--out", str(tmp_path / "known")])
+    assert known.exit_code == 0 and "does not know" not in known.stderr
+    assert "unknown_words" not in json.loads(Image.open(known.stdout.strip()).text["dalle"])

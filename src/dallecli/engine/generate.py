@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dallecli import __version__
 from dallecli.engine.device import float32_weight_bytes, resolve_device, resolve_dtype
+from dallecli.engine.known_words import training_vocabulary, unknown_words
 from dallecli.engine.loading import (component_class_name, default_size, load_pipeline, load_vae, pipeline_class_name,
                                      with_vae)
 from dallecli.engine.memory import MemoryChoice, apply_memory_mode, available_bytes, choose_low_memory, estimate_bytes
@@ -23,12 +24,14 @@ StepCallback = Callable[[int, int], None]  # (steps done in this batch, steps pe
 
 @dataclass(frozen=True)
 class PromptCheck:
-    """How a prompt fits the text encoder: ``tokens`` counted without BOS/EOS, ``limit`` likewise;
-    ``dropped`` is the text cut off (empty when it fits)."""
+    """How a prompt fits the model: ``tokens`` counted without BOS/EOS, ``limit`` likewise; ``dropped`` is the
+    text cut off (empty when it fits); ``unknown`` the words the model was not trained on (checked only for
+    models that record their training words, such as the embedded one)."""
 
     tokens: int
     limit: int
     dropped: str = ""
+    unknown: tuple[str, ...] = ()
 
     @property
     def truncated(self) -> bool:
@@ -182,16 +185,25 @@ class Engine:
         """Generation defaults for this model: ``{"steps", "guidance", "width", "height"}``."""
         return defaults_for(self.model.spec, *self._layout())
 
+    def _vocabulary(self) -> tuple[frozenset[str], str] | None:
+        """The model's training words and subject (:func:`dallecli.engine.known_words.training_vocabulary`)."""
+        if not hasattr(self, "_known"):
+            self._known = None if self.model.single_file else training_vocabulary(self.model.path)
+        return self._known
+
     def check_prompt(self, prompt: str) -> PromptCheck:
-        """Count the prompt's tokens against the text encoder's limit (``model_max_length``)."""
+        """Count the prompt's tokens against the text encoder's limit (``model_max_length``), and find the words
+        a model that records its training words was never trained on."""
+        vocabulary = self._vocabulary()
+        unknown = tuple(unknown_words(prompt, vocabulary[0])) if vocabulary else ()
         tokenizer = getattr(self.pipe, "tokenizer", None)
         limit = getattr(tokenizer, "model_max_length", None)
         if tokenizer is None or not limit or limit > 100_000:
-            return PromptCheck(0, 0)
+            return PromptCheck(0, 0, unknown=unknown)
         ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
         tokens, kept = len(ids) - 2, limit - 2
         dropped = tokenizer.decode(ids[limit - 1:-1]) if tokens > kept else ""
-        return PromptCheck(tokens, kept, dropped)
+        return PromptCheck(tokens, kept, dropped, unknown)
 
     # -- generation ----------------------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> tuple[GenerationRequest, list[int]]:
@@ -280,10 +292,15 @@ class Engine:
         return scheduler_name(pipe.scheduler)
 
     def prompt_warnings(self, request: GenerationRequest) -> tuple[PromptCheck, list[str]]:
-        """The truncation check of ``request.prompt`` and the warnings to show for the request (at most one
-        about truncation, one about a negative prompt that guidance <= 1 ignores)."""
+        """The check of ``request.prompt`` and the warnings to show for the request (at most one about words the
+        model does not know, one about truncation, one about a negative prompt that guidance <= 1 ignores)."""
         check = self.check_prompt(request.prompt)
         warnings = []
+        if check.unknown:
+            subject = self._vocabulary()[1]
+            warnings.append(f"the {self.model.name} model was trained on {subject}; it does not know: "
+                            f"{', '.join(check.unknown)}. For real subjects use a real model "
+                            "(`dalle download sd-turbo`, then --model sd-turbo)")
         if check.truncated:
             warnings.append(
                 f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, dropped: \"{check.dropped}\""
@@ -361,6 +378,7 @@ class Engine:
             device=self.device, version=__version__, loras=loras, truncation=check.as_metadata(),
             vae=self.vae.name if self.vae is not None else None,
             clip_skip=request.clip_skip if request.clip_skip and request.clip_skip > 1 else None,
+            unknown_words=list(check.unknown) or None,
         )
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> Iterator[GeneratedImage]:

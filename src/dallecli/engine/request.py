@@ -84,11 +84,13 @@ class ImageSettings:
     truncation: dict | None = None
     vae: str | None = None  # a replacement VAE (``--vae``), None for the model's own
     clip_skip: int | None = None  # A1111 numbering, >= 2; None when no layer was skipped (not written then)
+    unknown_words: list[str] | None = None  # prompt words the model was not trained on (embedded model only)
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        if data["clip_skip"] is None:
-            del data["clip_skip"]
+        for optional in ("clip_skip", "unknown_words"):  # written only when they say something
+            if not data[optional]:
+                del data[optional]
         return data
 
 

@@ -32,11 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dallecli.engine.known_words import words_of
 from dallecli.training import shapes
 from dallecli.training.autoencoder import AutoencoderConfig, build_autoencoder, train_autoencoder
 from dallecli.training.trainer import DenoiserTrainer, EncodedData, StepReport, TrainSettings
 from dallecli.training.vocabulary import build_clip_vocabulary
 
+SUBJECT = "flat coloured shapes (circle, square, triangle) on plain backgrounds"
 MAX_TOKENS = 32  # the captions of this world need at most ~16 tokens
 SAMPLE_PROMPTS = [
     "a red circle on a blue background",
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size, "autoencoder": vars(ae_config), "stages": stages,
         "wall_time_s": sum(stage["wall_time_s"] for stage in stages), "torch": torch.__version__,
         "held_out": sorted(" ".join(p) for p in shapes.HELD_OUT_PAIRS) + ["yellow on blue background"],
+        # what the model can be asked for: `dalle generate` warns about prompt words outside these
+        "subject": SUBJECT, "words": sorted({word for text in captions for word in words_of(text)}),
     }
     (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     # The full log (every stage, loss and steps/s, with times, across interruptions and resumes).
