@@ -61,6 +61,7 @@ def test_long_prompt_warns_once_and_records_truncation_case_c01(tiny_pipeline):
     warnings = [w for r in results for w in r.warnings]
     assert len(warnings) == 1
     assert "100 tokens" in warnings[0] and "keeps 75" in warnings[0]
+    assert 'dropped 25 word(s): "cat cat cat cat cat cat cat cat ..."' in warnings[0]  # not all 25: no flood
     assert results[0].settings.truncation == {"tokens": 100, "kept": 75, "dropped": " ".join(["cat"] * 25)}
     short = list(engine.generate(GenerationRequest("a cat", seed=0, **SMALL)))
     assert short[0].warnings == [] and short[0].settings.truncation is None

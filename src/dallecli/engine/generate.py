@@ -301,10 +301,11 @@ class Engine:
             warnings.append(f"the {self.model.name} model was trained on {subject}; it does not know: "
                             f"{', '.join(check.unknown)}. For real subjects use a real model "
                             "(`dalle download sd-turbo`, then --model sd-turbo)")
-        if check.truncated:
-            warnings.append(
-                f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, dropped: \"{check.dropped}\""
-            )
+        if check.truncated:  # the first few dropped words and their count: a long prompt must not flood stderr
+            words = check.dropped.split()
+            shown = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
+            warnings.append(f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, dropped "
+                            f"{len(words)} word(s): \"{shown}\" (the metadata records the truncation)")
         if request.negative_prompt and request.guidance_scale is not None and request.guidance_scale <= 1:
             warnings.append(f"--negative-prompt has no effect with guidance {request.guidance_scale:g} "
                             "(classifier-free guidance needs a scale above 1)")
