@@ -175,6 +175,7 @@ def test_ctrl_c_discards_the_pass_in_progress_and_says_how_to_resume(tiny_pipeli
     result = invoke(*args)
     assert result.exit_code == 130
     assert "Resume with: dalle" in result.stderr and "discarded" in result.stderr
+    assert result.stderr.count("interrupted") == 1
     out = tmp_path / "out"
     assert len(images(out)) == 1 and not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     monkeypatch.setattr(Engine, "generate_items", original)

@@ -74,6 +74,7 @@ def test_ctrl_c_keeps_finished_images_and_leaves_no_partial_file_case_c17(tiny_p
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
+    assert stderr.count("interrupted") == 1 and "finished image(s) kept" in stderr  # said once, with what was kept
     kept = sorted(out.iterdir())
     assert kept and all(p.suffix == ".png" and not p.name.startswith(".tmp") for p in kept)
     printed = stdout.split()

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dallecli.cli.errors import handles_errors
+from dallecli.cli.errors import Interrupted, handles_errors
 from dallecli.cli.options import (CacheDir, ClipSkip, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt,
                                   Revision, Scheduler, Steps, Vae, Width)
 
@@ -137,9 +137,9 @@ def batch(
                     print_line(str(outcome.path))
         except KeyboardInterrupt:
             command = shlex.join(["dalle", *sys.argv[1:]])
-            info(f"interrupted: {made} image(s) finished in this run are kept in {folder} and recorded in "
-                 f"{manifest_path(folder)}; the image in progress was discarded. Resume with: {command}")
-            raise
+            raise Interrupted(f"interrupted: {made} image(s) finished in this run are kept in {folder} and recorded "
+                              f"in {manifest_path(folder)}; the image in progress was discarded. Resume with: "
+                              f"{command}") from None
     summary = BatchSummary(images=made, skipped=len(skipped), failed=failed, seconds=time.perf_counter() - started,
                            load_seconds=load_seconds, folder=str(folder), manifest=str(manifest_path(folder)), base_seed=base_seed,
                            shard=str(shard_spec) if shard_spec else None)

@@ -16,6 +16,10 @@ from dallecli.errors import DalleError
 
 EXIT_INTERRUPTED = 130
 
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the command's own account of what was kept (printed instead of a bare "interrupted")."""
+
 # Library exceptions that reach the CLI although the engine checks its inputs first: (module prefix, class
 # name) -> (exit code, what to do next). Matched by name along the exception's class hierarchy, so that
 # nothing here imports huggingface_hub or diffusers at start-up.
@@ -78,7 +82,7 @@ def handles_errors(command):
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
-            err().print("interrupted", markup=False)
+            err().print(str(exc) if isinstance(exc, Interrupted) else "interrupted", markup=False)
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dallecli.cli.errors import handles_errors
+from dallecli.cli.errors import Interrupted, handles_errors
 from dallecli.cli.options import (CacheDir, ClipSkip, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt,
                                   Revision, Scheduler, Steps, Vae, Width)
 
@@ -116,8 +116,8 @@ def generate(
                 if not json_output:
                     print_line(str(path))
         except KeyboardInterrupt:
-            info(f"interrupted: {len(written)} finished image(s) kept in {folder}; the image in progress was discarded")
-            raise
+            raise Interrupted(f"interrupted: {len(written)} finished image(s) kept in {folder}; the image in "
+                              "progress was discarded") from None
     if json_output:
         parameters = {k: v for k, v in settings.items() if k != "seed"}
         out_json({"images": written, "parameters": parameters})
