@@ -79,7 +79,7 @@ def handles_errors(command):
             err().print(f"error: unexpected {type(exc).__name__}{': ' + first if first else ''} (run again with "
                         "DALLE_DEBUG=1 for the traceback, and please report it)", markup=False)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if debug_enabled():
                 raise
             err().print(str(exc) if isinstance(exc, Interrupted) else "interrupted", markup=False)
