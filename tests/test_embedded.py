@@ -98,3 +98,18 @@ def test_words_the_embedded_model_does_not_know_are_named_once_and_recorded(tmp_
                                      "--out", str(tmp_path / "known")])
     assert known.exit_code == 0 and "does not know" not in known.stderr
     assert "unknown_words" not in json.loads(Image.open(known.stdout.strip()).text["dalle"])
+
+
+def test_batch_names_unknown_words_once_for_the_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+
+    (tmp_path / "p.txt").write_text("a cat astronaut\na red circle\na dog and a cat\n")
+    result = CliRunner().invoke(app, ["batch", str(tmp_path / "p.txt"), "--steps", "2", "--seed", "1",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "does not know" in line]
+    assert len(warnings) == 1 and "does not know: cat, astronaut, dog." in warnings[0]
+    records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r.get("status") == "done"]) == 3

@@ -23,6 +23,7 @@ class JobOutcome:
     seconds: float | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    unknown_words: list[str] = field(default_factory=list)  # prompt words the model was not trained on
 
 
 @dataclass
@@ -105,7 +106,8 @@ def _run_batch(engine, batch, folder, extra, replace, on_step):
         append_record(folder, {"type": "image", "status": "done", **job.fields(), **extra,
                                "sampler": settings["scheduler"], "dtype": settings["dtype"],
                                "device": settings["device"], "path": path.name, "seconds": round(seconds, 4)})
-        yield JobOutcome(job, "done", path, seconds, warnings=result.warnings)
+        yield JobOutcome(job, "done", path, seconds, warnings=result.warnings,
+                         unknown_words=list(result.settings.unknown_words or []))
 
 
 def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -> tuple[list[Job], list[Job]]:

@@ -120,6 +120,7 @@ def batch(
         engine.check_clip_skip(options.clip_skip)  # a usage error (exit 2), not a failure of every row
     load_seconds = time.perf_counter() - load_started
     started = time.perf_counter()
+    unknown: dict[str, None] = {}  # words the model does not know, in the order they appeared
     with step_progress(sum(b[0].settings.steps for b in batches), "generating") as bar:
         try:
             for outcome in run_jobs(engine, batches, folder, extra=extra, replace=replace,
@@ -128,6 +129,7 @@ def batch(
                     if message not in warned:
                         warned.add(message)
                         warn(f"line {outcome.job.line}: {message}")
+                unknown.update(dict.fromkeys(outcome.unknown_words))
                 if outcome.status == "failed":
                     failed += 1
                     warn(f"line {outcome.job.line} image {outcome.job.image} failed: {outcome.error}")
@@ -140,6 +142,8 @@ def batch(
             raise Interrupted(f"interrupted: {made} image(s) finished in this run are kept in {folder} and recorded "
                               f"in {manifest_path(folder)}; the image in progress was discarded. Resume with: "
                               f"{command}") from None
+    if unknown:  # once for the run, not once per prompt (a PartiPrompts run would print 1,632 lines)
+        warn(engine.unknown_words_warning(unknown))
     summary = BatchSummary(images=made, skipped=len(skipped), failed=failed, seconds=time.perf_counter() - started,
                            load_seconds=load_seconds, folder=str(folder), manifest=str(manifest_path(folder)), base_seed=base_seed,
                            shard=str(shard_spec) if shard_spec else None)

@@ -291,16 +291,22 @@ class Engine:
             pipe.scheduler = make_scheduler(name, self._base_scheduler_config)
         return scheduler_name(pipe.scheduler)
 
-    def prompt_warnings(self, request: GenerationRequest) -> tuple[PromptCheck, list[str]]:
+    def unknown_words_warning(self, words) -> str:
+        """The warning for prompt words this model was not trained on (``words``: at most ten are named)."""
+        words = list(words)
+        shown = ", ".join(words[:10]) + (f" and {len(words) - 10} more" if len(words) > 10 else "")
+        subject = (self._vocabulary() or (None, "a small set of captions"))[1]
+        return (f"the {self.model.name} model was trained on {subject}; it does not know: {shown}. For real "
+                "subjects use a real model (`dalle download sd-turbo`, then --model sd-turbo)")
+
+    def prompt_warnings(self, request: GenerationRequest, name_unknown: bool = True) -> tuple[PromptCheck, list[str]]:
         """The check of ``request.prompt`` and the warnings to show for the request (at most one about words the
-        model does not know, one about truncation, one about a negative prompt that guidance <= 1 ignores)."""
+        model does not know (unless ``name_unknown`` is false: ``dalle batch`` sums them up once), one about
+        truncation, one about a negative prompt that guidance <= 1 ignores)."""
         check = self.check_prompt(request.prompt)
         warnings = []
-        if check.unknown:
-            subject = self._vocabulary()[1]
-            warnings.append(f"the {self.model.name} model was trained on {subject}; it does not know: "
-                            f"{', '.join(check.unknown)}. For real subjects use a real model "
-                            "(`dalle download sd-turbo`, then --model sd-turbo)")
+        if check.unknown and name_unknown:
+            warnings.append(self.unknown_words_warning(check.unknown))
         if check.truncated:  # the first few dropped words and their count: a long prompt must not flood stderr
             words = check.dropped.split()
             shown = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
@@ -434,7 +440,8 @@ class Engine:
 
         Returns:
             One :class:`GeneratedImage` per item, in order (``index`` = position in ``items``); ``warnings``
-            hold that item's prompt warnings.
+            hold that item's prompt warnings (words the model does not know are only in its settings'
+            ``unknown_words``: :meth:`unknown_words_warning` words them once for a whole run).
 
         Raises:
             UsageError: no items, an empty prompt, a seed out of range or invalid settings (before anything loads).
@@ -456,7 +463,8 @@ class Engine:
         images = self._run_pass(prompts, seeds, request, on_step)
         results = []
         for index, (prompt, seed) in enumerate(items):
-            check, warnings = self.prompt_warnings(replace(request, prompt=prompt, negative_prompt=None))
+            check, warnings = self.prompt_warnings(replace(request, prompt=prompt, negative_prompt=None),
+                                                   name_unknown=False)
             settings = self._settings(prompt, seed, request, scheduler, loras, check)
             results.append(GeneratedImage(to_pil(images[index]), settings, index, warnings))
         return results
