@@ -180,3 +180,28 @@ def test_karras_spacing_is_refused_on_a_zero_terminal_snr_schedule():
     with pytest.raises(UsageError, match="use dpm\\+\\+"):
         make_scheduler("dpm++-karras", config)
     make_scheduler("dpm++", config)  # the plain spacing works
+
+
+def test_seed_minus_one_means_random_and_the_drawn_seed_is_recorded(tiny_pipeline, tmp_path):
+    """AUTOMATIC1111 users type --seed -1 for a random seed (#19 item 9)."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+
+    made = CliRunner().invoke(app, ["generate", "a cat", "--seed", "-1", "-n", "2", "--model", str(tiny_pipeline),
+                                    "--steps", "2", "--out", str(tmp_path / "g"), "--json"])
+    assert made.exit_code == 0, made.output
+    seeds = [image["seed"] for image in json.loads(made.stdout)["images"]]
+    assert seeds[0] >= 0 and seeds[1] == seeds[0] + 1
+    assert json.loads(Image.open(json.loads(made.stdout)["images"][0]["path"]).text["dalle"])["seed"] == seeds[0]
+    (tmp_path / "p.txt").write_text("a cat\n")
+    batch = CliRunner().invoke(app, ["batch", str(tmp_path / "p.txt"), "--seed", "-1", "--model", str(tiny_pipeline),
+                                     "--steps", "2", "--out", str(tmp_path / "b")])
+    assert batch.exit_code == 0, batch.output
+    header = json.loads((tmp_path / "b" / "manifest.jsonl").read_text().splitlines()[0])
+    assert header["base_seed"] >= 0
+    bad = CliRunner().invoke(app, ["generate", "a cat", "--seed", "-2", "--model", str(tiny_pipeline)])
+    assert bad.exit_code == 2 and "or -1 for a random seed" in bad.output

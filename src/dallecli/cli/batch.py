@@ -22,7 +22,7 @@ MAX_LISTED = 20  # malformed rows listed before "and N more"
 def batch(
     file: Annotated[Path, typer.Argument(help="Prompt file: .txt (one prompt a line), .csv/.tsv (a 'prompt' column) or .jsonl.", show_default=False)],
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Images per prompt (a row's 'n' overrides).")] = 1,
-    seed: Annotated[Optional[int], typer.Option(help="Base seed: image i of row r gets seed + 1000*r + i. Random if omitted (kept in the manifest).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Base seed: image i of row r gets seed + 1000*r + i. Random if omitted or -1 (kept in the manifest).")] = None,
     steps: Steps = None,
     guidance: Guidance = None,
     width: Width = None,
@@ -53,10 +53,12 @@ def batch(
     from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
     from dallecli.config import default_output_dir, user_default
     from dallecli.images import prepare_output_folder
+    from dallecli.engine.request import RANDOM_SEED
     from dallecli.engine.schedulers import validate_scheduler
     from dallecli.errors import DalleError, UsageError
 
     scheduler = scheduler or user_default("scheduler")
+    seed = None if seed == RANDOM_SEED else seed  # A1111's "random"
     options = BatchOptions(n=num_images, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                            negative_prompt=negative_prompt or None, scheduler=scheduler, batch_size=batch_size,
                            clip_skip=clip_skip if clip_skip != 1 else None)

@@ -22,7 +22,7 @@ def _from_image(path: Path) -> dict:
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
     num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted or -1.")] = None,
     steps: Steps = None,
     guidance: Guidance = None,
     width: Width = None,

@@ -13,7 +13,7 @@ from dallecli.engine.known_words import training_vocabulary, unknown_words
 from dallecli.engine.loading import (component_class_name, default_size, load_pipeline, load_vae, pipeline_class_name,
                                      with_vae)
 from dallecli.engine.memory import MemoryChoice, apply_memory_mode, available_bytes, choose_low_memory, estimate_bytes
-from dallecli.engine.request import GenerationRequest, ImageSettings, MAX_SEED, validate_request
+from dallecli.engine.request import RANDOM_SEED, GenerationRequest, ImageSettings, MAX_SEED, validate_request
 from dallecli.engine.schedulers import check_steps, make_scheduler, scheduler_name, validate_scheduler
 from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError
 from dallecli.store.registry import PIPELINE_FAMILIES, defaults_for, tiny_decoder_for
@@ -219,7 +219,7 @@ class Engine:
         validate_request(request)
         for spec in request.loras:  # a registry LoRA that is not downloaded fails before the model loads
             resolve_lora(spec.path, self.cache_dir)
-        seed = request.seed if request.seed is not None else random_seed()
+        seed = random_seed() if request.seed in (None, RANDOM_SEED) else request.seed
         request = replace(request, seed=seed, batch_size=request.batch_size or 1)
         return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
 

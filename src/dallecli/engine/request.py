@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from dallecli.errors import UsageError
 
 MAX_SEED = 2**32 - 1
+RANDOM_SEED = -1  # AUTOMATIC1111's way to ask for a random seed; the seed drawn is recorded
 MAX_STEPS = 1000  # the training timesteps of every supported schedule; schedulers refuse more steps
 MAX_GUIDANCE = 100.0  # far above any useful guidance scale (1-20); catches typos, inf and NaN
 
@@ -27,7 +28,8 @@ class GenerationRequest:
         prompt: the text to draw.
         negative_prompt: what to steer away from (only has an effect with guidance_scale > 1).
         num_images: images to make, >= 1.
-        seed: seed of image 0; image i gets ``seed + i``. None draws a random seed (recorded).
+        seed: seed of image 0; image i gets ``seed + i``. None or -1 (:data:`RANDOM_SEED`) draws a random
+            seed (recorded).
         steps: ``num_inference_steps``, 1 to :data:`MAX_STEPS`.
         guidance_scale: classifier-free guidance scale, 0 to :data:`MAX_GUIDANCE`; 0 (or <= 1) turns guidance off.
         width, height: image size in pixels, multiples of 8.
@@ -139,5 +141,6 @@ def validate_request(request: GenerationRequest) -> None:
                                           or request.clip_skip < 1):
         raise UsageError(f"--clip-skip must be a whole number >= 1 (1 = no skip, 2 = penultimate layer; "
                          f"got {request.clip_skip!r})")
-    if request.seed is not None and not 0 <= request.seed <= MAX_SEED - request.num_images + 1:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED - request.num_images + 1} (got {request.seed})")
+    if request.seed not in (None, RANDOM_SEED) and not 0 <= request.seed <= MAX_SEED - request.num_images + 1:
+        raise UsageError(f"--seed must be between 0 and {MAX_SEED - request.num_images + 1}, or -1 for a random "
+                         f"seed (got {request.seed})")
