@@ -113,3 +113,15 @@ def test_batch_names_unknown_words_once_for_the_run(tmp_path):
     assert len(warnings) == 1 and "does not know: cat, astronaut, dog." in warnings[0]
     records = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert len([r for r in records if r.get("status") == "done"]) == 3
+
+
+def test_a_size_far_from_the_models_own_gets_one_warning():
+    """#19 item 10: 512x512 on the 64-pixel embedded model draws tiled nonsense; say so once."""
+    engine = Engine()
+    _, far = engine.prompt_warnings(GenerationRequest("a red circle", width=512, height=512))
+    assert len(far) == 1 and "512x512 is far from the 64x64 shapes was trained at" in far[0]
+    for width, height in ((64, 64), (96, 64), (64, 120)):
+        _, near = engine.prompt_warnings(GenerationRequest("a red circle", width=width, height=height))
+        assert near == [], (width, height)
+    _, tall = engine.prompt_warnings(GenerationRequest("a red circle", width=64, height=128))
+    assert len(tall) == 1

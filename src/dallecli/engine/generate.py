@@ -302,7 +302,8 @@ class Engine:
     def prompt_warnings(self, request: GenerationRequest, name_unknown: bool = True) -> tuple[PromptCheck, list[str]]:
         """The check of ``request.prompt`` and the warnings to show for the request (at most one about words the
         model does not know (unless ``name_unknown`` is false: ``dalle batch`` sums them up once), one about
-        truncation, one about a negative prompt that guidance <= 1 ignores)."""
+        truncation, one about a size at least twice or half the model's own in either dimension, one about a
+        negative prompt that guidance <= 1 ignores)."""
         check = self.check_prompt(request.prompt)
         warnings = []
         if check.unknown and name_unknown:
@@ -312,6 +313,13 @@ class Engine:
             shown = " ".join(words[:8]) + (" ..." if len(words) > 8 else "")
             warnings.append(f"prompt is {check.tokens} tokens; the text encoder keeps {check.limit}, dropped "
                             f"{len(words)} word(s): \"{shown}\" (the metadata records the truncation)")
+        native = self.defaults()
+        if request.width and request.height and any(
+                max(asked, own) >= 2 * min(asked, own)
+                for asked, own in ((request.width, native["width"]), (request.height, native["height"]))):
+            warnings.append(f"{request.width}x{request.height} is far from the {native['width']}x{native['height']} "
+                            f"{self.model.name} was trained at: expect repeated or broken subjects (leave out "
+                            "--width/--height for its own size)")
         if request.negative_prompt and request.guidance_scale is not None and request.guidance_scale <= 1:
             warnings.append(f"--negative-prompt has no effect with guidance {request.guidance_scale:g} "
                             "(classifier-free guidance needs a scale above 1)")
