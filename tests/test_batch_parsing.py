@@ -226,3 +226,21 @@ def test_finished_images_needs_the_file_and_a_done_latest_record(tmp_path):
     assert [j.row for j in done] == [0] and [j.row for j in pending] == [1, 2]
     lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines[:-1])
+
+
+def test_dry_run_counts_prompts_and_images_without_loading_a_model(tmp_path):
+    """#19 item 11: `dalle batch --dry-run` checks the file and counts; no model is resolved or loaded."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "n": 3}\n{"prompt": "a dog"}\n{"prompt": "a hat"}\n')
+    args = ["batch", str(tmp_path / "p.jsonl"), "-n", "2", "--model", "org/not-downloaded", "--dry-run"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert done.stdout.strip() == "3 prompt(s), 7 image(s)"
+    sharded = CliRunner().invoke(app, [*args, "--shard", "1/2", "--json"])
+    assert json.loads(sharded.stdout) == {"prompts": 1, "images": 2, "malformed": 0, "shard": "1/2"}
+    assert not (tmp_path / "dalle-out").exists() and not list(tmp_path.glob("*/manifest.jsonl"))

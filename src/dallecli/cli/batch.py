@@ -44,6 +44,7 @@ def batch(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Make every image again, replacing the ones already finished.")] = False,
     shard: Annotated[Optional[str], typer.Option(help="I/N: take rows r with r mod N == I (default: RANK/WORLD_SIZE under torchrun/accelerate).")] = None,
     grid: Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of the finished images (grid.png).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the file and print how many prompts and images it holds; load no model.")] = False,
 ) -> None:
     """Generate images for every prompt in a file; re-run the same command to resume."""
     from dallecli.batch.manifest import finished_images, manifest_path, read_records, start_run
@@ -78,6 +79,16 @@ def batch(
         raise UsageError(f"{file} holds no prompts")
     if prompts.ignored_fields:
         info(f"ignoring column(s)/key(s): {', '.join(prompts.ignored_fields)}")
+    if dry_run:
+        rows = [row for row in prompts.rows if shard_spec is None or shard_spec.takes(row.row)]
+        count = {"prompts": len(rows), "images": sum(row.settings.get("n", num_images) for row in rows),
+                 "malformed": len(prompts.invalid), "shard": str(shard_spec) if shard_spec else None}
+        if json_output:
+            out_json(count)
+        else:
+            print_line(f"{count['prompts']} prompt(s), {count['images']} image(s)"
+                       + (f" in shard {count['shard']}" if shard_spec else ""))
+        return
 
     from dallecli.engine.generate import Engine, random_seed
 
