@@ -6,6 +6,13 @@ The engine raises these and never prints or exits; ``dallecli.cli.errors`` is th
 from __future__ import annotations
 
 
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first non-empty line of an exception's message (library messages run to many lines), else
+    ``default`` (the exception's class name when not given): what a one-line error quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else (type(exc).__name__ if default is None else default)
+
+
 class DalleError(Exception):
     """Base class: a failure the user can act on. ``exit_code`` is what the CLI exits with."""
 

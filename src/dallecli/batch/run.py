@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dallecli.batch.manifest import append_record
 from dallecli.batch.plan import Job
+from dallecli.errors import first_line
 
 StepCallback = Callable[[int, int], None]
 
@@ -92,7 +93,7 @@ def _run_batch(engine, batch, folder, extra, replace, on_step):
             for job in batch:
                 yield from _run_batch(engine, [job], folder, extra, replace, on_step)
             return
-        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        error = first_line(exc)
         append_record(folder, {"type": "image", "status": "failed", **batch[0].fields(), **extra,
                                "error": f"{type(exc).__name__}: {error}"})
         yield JobOutcome(batch[0], "failed", error=error)

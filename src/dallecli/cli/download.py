@@ -62,6 +62,8 @@ def download(
     plan = plan_download(name, revision=revision, variant=variant, token=token)
     if plan.notice:
         info(plan.notice)
+    for companion in plan.companions:
+        info(f"with {companion.repo_id} @ {companion.commit} ({companion.spec.note if companion.spec else 'VAE'})")
     files = [{"path": f.path, "size": f.size} for f in plan.files]
     companions = [{"repo_id": c.repo_id, "commit": c.commit, "files": [{"path": f.path, "size": f.size} for f in c.files]}
                   for c in plan.companions]
@@ -77,13 +79,9 @@ def download(
                 out(f"{human_size(f.size or 0):>10}  {prefix}{f.path}")
         count = sum(len(p.files) for p in (plan, *plan.companions))
         out(f"{human_size(plan.total_bytes):>10}  total, {count} files ({plan.repo_id} @ {plan.commit})")
-        for companion in plan.companions:
-            info(f"with {companion.repo_id} @ {companion.commit} ({companion.spec.note if companion.spec else 'VAE'})")
         for path, reason in plan.skipped:
             info(f"skipped {path}: {reason}")
         return
-    for companion in plan.companions:
-        info(f"with {companion.repo_id} ({companion.spec.note if companion.spec else 'VAE'})")
     needed, missing = missing_bytes(plan, cache_dir)
     if missing:
         info(f"{plan.repo_id} @ {plan.commit}: {len(missing)} file(s) missing, {human_size(needed)}"

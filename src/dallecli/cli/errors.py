@@ -12,7 +12,7 @@ import functools
 import typer
 
 from dallecli.config import debug_enabled
-from dallecli.errors import DalleError
+from dallecli.errors import DalleError, first_line
 
 EXIT_INTERRUPTED = 130
 
@@ -42,8 +42,7 @@ def library_error(exc: BaseException) -> tuple[int, str] | None:
         hit = LIBRARY_ERRORS.get((root, cls.__name__))
         if hit is not None:
             code, advice = hit
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else cls.__name__
-            return code, f"{first.rstrip('.')}; {advice}"
+            return code, f"{first_line(exc, cls.__name__).rstrip('.')}; {advice}"
     return None
 
 
@@ -75,7 +74,7 @@ def handles_errors(command):
             if type(exc).__module__.startswith(("click", "typer")):  # Exit, Abort, usage errors: Typer handles them
                 raise
             # a fault of dalle or a library that no check foresaw: one line, the traceback on request
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            first = first_line(exc, "")
             err().print(f"error: unexpected {type(exc).__name__}{': ' + first if first else ''} (run again with "
                         "DALLE_DEBUG=1 for the traceback, and please report it)", markup=False)
             raise typer.Exit(1) from None

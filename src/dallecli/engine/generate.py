@@ -15,7 +15,7 @@ from dallecli.engine.loading import (component_class_name, default_size, load_pi
 from dallecli.engine.memory import MemoryChoice, apply_memory_mode, available_bytes, choose_low_memory, estimate_bytes
 from dallecli.engine.request import RANDOM_SEED, GenerationRequest, ImageSettings, MAX_SEED, validate_request
 from dallecli.engine.schedulers import check_steps, make_scheduler, scheduler_name, validate_scheduler
-from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError
+from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError, first_line
 from dallecli.store.registry import PIPELINE_FAMILIES, defaults_for, tiny_decoder_for
 from dallecli.store.resolve import ResolvedModel, resolve_lora, resolve_model, resolve_vae
 
@@ -367,9 +367,8 @@ class Engine:
                 raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
             raise
         except ValueError as exc:  # diffusers' check_inputs and schedulers refuse a setting
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"{type(self.pipe).__name__} refused the request ({request.steps} steps, "
-                             f"{request.width}x{request.height}, guidance {request.guidance_scale:g}): {first}") from exc
+                             f"{request.width}x{request.height}, guidance {request.guidance_scale:g}): {first_line(exc)}") from exc
         images = output.images  # (B, 3, H, W) in [0, 1]
         if not torch.isfinite(images).all():
             if self.dtype == "float32":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dallecli.engine.weights import verify_folder
 from dallecli.store.download import SKIPPED_COMPONENTS, variant_of
-from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError
+from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError, first_line
 
 _CACHE: dict[tuple, object] = {}
 
@@ -186,7 +186,7 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "
         else:
             pipe = DiffusionPipeline.from_pretrained(folder, **pretrained_kwargs(folder, dtype, variant))
     except (EnvironmentError, ValueError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         if "safetensors" in message.lower() and "not found" in message.lower():
             raise UnsafeWeightsError(f"{folder} lacks .safetensors weights for a component: {message}") from exc
         raise ModelNotFoundError(f"cannot load the pipeline in {folder}: {message}") from exc
@@ -227,7 +227,7 @@ def load_vae(folder: Path, device: str, dtype: str):
         vae = getattr(diffusers, class_name).from_pretrained(folder, use_safetensors=True, local_files_only=True,
                                                              **_dtype_kwargs(dtype))
     except (EnvironmentError, ValueError) as exc:
-        raise ModelNotFoundError(f"cannot load the VAE in {folder}: {str(exc).splitlines()[0]}") from exc
+        raise ModelNotFoundError(f"cannot load the VAE in {folder}: {first_line(exc)}") from exc
     vae = vae.to(device).eval()
     _CACHE[key] = vae
     return vae

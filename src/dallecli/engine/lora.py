@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dallecli.engine.request import LoraSpec
-from dallecli.errors import LoraError, LoraMismatchError, UsageError
+from dallecli.errors import LoraError, LoraMismatchError, UsageError, first_line
 
 ADAPTER_PREFIX = "dalle_lora_"
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -260,7 +260,7 @@ def apply_loras(pipe, loras: Sequence[LoraSpec], cache_dir: Path | None = None) 
                 with _quiet_diffusers():  # its "unsuccessful" log line would repeat our own message
                     pipe.load_lora_weights(state, adapter_name=adapter)
             except (ValueError, KeyError, RuntimeError, IndexError) as exc:
-                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                message = first_line(exc)
                 if "not found in the base model" in message or "no lora" in message.lower():
                     raise LoraError(f"LoRA {path.name} matched 0 layers of this model (its keys name layers the "
                                     "model does not have); it was made for another model") from exc

@@ -7,7 +7,7 @@ when its scheduler is one of ours and the class name otherwise, so every image r
 
 from __future__ import annotations
 
-from dallecli.errors import UsageError
+from dallecli.errors import UsageError, first_line
 
 # name -> (diffusers class, config overrides, AUTOMATIC1111 sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
@@ -100,8 +100,8 @@ def make_scheduler(name: str, base_config):
     try:
         return cls.from_config(base_config, **overrides)
     except (TypeError, ValueError, NotImplementedError) as exc:  # a scheduler for another kind of model
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--scheduler {name} cannot be built from this model's scheduler settings ({first})") from None
+        raise UsageError(f"--scheduler {name} cannot be built from this model's scheduler settings "
+                         f"({first_line(exc)})") from None
 
 
 def check_steps(scheduler, steps: int) -> None:

@@ -34,7 +34,7 @@ from importlib import resources
 from pathlib import Path
 
 from dallecli.engine.weights import MAX_HEADER_BYTES, verify_safetensors
-from dallecli.errors import ModelNotFoundError
+from dallecli.errors import ModelNotFoundError, first_line
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -483,5 +483,4 @@ def load_single_file(path: Path, dtype: str):
         return cls.from_single_file(str(_safetensors_name(path, folder)), config=str(folder), local_files_only=True,
                                     **_dtype_kwargs(dtype), **extra)
     except (EnvironmentError, ValueError, KeyError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelNotFoundError(f"cannot load {path.name} as {FAMILY_NAMES[model.family]}: {first}") from exc
+        raise ModelNotFoundError(f"cannot load {path.name} as {FAMILY_NAMES[model.family]}: {first_line(exc)}") from exc

@@ -86,8 +86,8 @@ def verify_safetensors(path: Path) -> None:
         )
     if kind == "oversized":
         raise CorruptWeightsError(
-            f"{path} has bytes after its last tensor (a safetensors file ends where its header says); it is "
-            "damaged or not what it claims to be: delete it and re-download"
+            f"{path} has bytes after its last tensor (a safetensors file ends where its header says): it is "
+            "damaged or not what it claims to be; download it again"
         )
     if kind == "lfs-pointer":
         raise CorruptWeightsError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dallecli import __version__
 from dallecli.errors import ModelNotFoundError, UsageError
-from dallecli.store.registry import EMBEDDED, PIPELINE_FAMILIES, REGISTRY, ModelSpec, canonical_name, defaults_for, lookup
+from dallecli.store.registry import EMBEDDED, PIPELINE_FAMILIES, REGISTRY, ModelSpec, defaults_for, lookup
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,7 @@ def list_models(cache_dir: Path | None = None) -> list[CachedModel]:
 def _repo_id_for(name: str) -> tuple[str | None, ModelSpec | None]:
     from dallecli.store.resolve import check_repo_id
 
-    name = canonical_name(name)[0]
-    spec = lookup(name)
+    spec = lookup(name)  # renamed aliases and moved repos included
     if spec is not None:
         return spec.repo_id, spec
     if name in ("embedded", "default"):

@@ -41,7 +41,7 @@ from dallecli.errors import (
     UnsafeWeightsError,
     UsageError,
 )
-from dallecli.store.registry import EMBEDDED, REGISTRY, ModelSpec, canonical_name, lookup
+from dallecli.store.registry import EMBEDDED, ModelSpec, canonical_name, lookup
 
 # Files a component folder may need besides its weights: configs, tokenizer vocabularies, sentencepiece models.
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
@@ -132,8 +132,7 @@ def repo_for(name: str) -> tuple[str, ModelSpec | None]:
     """
     from dallecli.store.resolve import check_repo_id
 
-    name = canonical_name(name)[0]
-    spec = lookup(name)
+    spec = lookup(name)  # renamed aliases and moved repos included
     if is_embedded(name) or (spec is not None and spec.repo_id is None):
         raise UsageError(f"'{name}' is the embedded model; it ships with dalle and needs no download")
     if spec is not None:
@@ -156,7 +155,7 @@ def _suffix(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
-def _components(model_index: dict) -> list[str]:
+def pipeline_components(model_index: dict) -> list[str]:
     """Component folders the pipeline loads: keys whose value names a library and class (not ``[null, null]``),
     less the safety checker and its feature extractor, which dalle never runs."""
     return sorted(key for key, value in model_index.items()
@@ -180,7 +179,7 @@ def select_files(listing: dict[str, int | None], model_index: dict, variant: str
     Raises:
         UnsafeWeightsError: a component that has weights only as pickles (or other non-safetensors formats).
     """
-    components = _components(model_index)
+    components = pipeline_components(model_index)
     chosen: set[str] = {"model_index.json"}
     pickle_only: list[str] = []
     for component in components:

@@ -11,9 +11,6 @@ from dataclasses import asdict, dataclass
 EMBEDDED = "shapes"
 
 
-KINDS = ("pipeline", "vae", "tiny-vae", "lora")
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """One registry entry.

@@ -168,17 +168,14 @@ def missing_components(folder: Path) -> list[str]:
     count. Tokenizers and schedulers need no weights; a component with a ``config.json`` (a model) does."""
     import json
 
-    from dallecli.store.download import SKIPPED_COMPONENTS
+    from dallecli.store.download import pipeline_components
 
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ["model_index.json"]
     missing = []
-    for key, value in sorted(index.items()):
-        if key.startswith("_") or key in SKIPPED_COMPONENTS or not (isinstance(value, list) and len(value) == 2
-                                                                    and value[0] and value[1]):
-            continue
+    for key in pipeline_components(index):
         component = folder / key
         if not component.is_dir() or not any(component.iterdir()):
             missing.append(key)

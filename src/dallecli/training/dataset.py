@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dallecli.errors import DatasetError
+from dallecli.errors import DatasetError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -120,7 +120,7 @@ def _check_image(path: Path) -> str | None:
         with Image.open(path) as image:
             image.load()  # decodes everything: catches truncated files that verify() lets through
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return f"corrupt or unreadable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return f"corrupt or unreadable image ({first_line(exc)})"
     return None
 
 

@@ -246,6 +246,7 @@ def load_components(model: str | None, revision: str | None = None, cache_dir: P
     """
     from dallecli.engine.loading import pretrained_kwargs, quiet_libraries
     from dallecli.engine.weights import verify_folder
+    from dallecli.store.download import pipeline_components
     from dallecli.store.resolve import resolve_model
 
     resolved = resolve_model(model, cache_dir=cache_dir, revision=revision)
@@ -253,7 +254,7 @@ def load_components(model: str | None, revision: str | None = None, cache_dir: P
         raise UsageError(f"dalle finetune needs a diffusers folder or a downloaded model; {resolved.name} is a "
                          "single-file checkpoint (dalle generate takes those)")
     index = json.loads((resolved.path / "model_index.json").read_text(encoding="utf-8"))
-    loaded = {key for key, value in index.items() if isinstance(value, list) and len(value) == 2 and value[0]}
+    loaded = set(pipeline_components(index))
     if "unet" not in loaded or {"text_encoder_2", "text_encoder_3", "transformer"} & loaded:
         raise UsageError(f"{resolved.name} ({index.get('_class_name')}) is not supported by dalle finetune: it trains "
                          "UNet pipelines with one text encoder (Stable Diffusion 1.x/2.x-like, the embedded model)")
