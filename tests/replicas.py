@@ -86,6 +86,22 @@ SHRINK: dict[str, dict[str, dict]] = {
     "madebyollin/taesd": {"config.json": _TAESD},
     "madebyollin/taesdxl": {"config.json": _TAESD},
     "latent-consistency/lcm-lora-sdv1-5": {},
+    # inpainting variants: the base models' shrink; the UNet keeps its 9 input channels
+    "stable-diffusion-v1-5/stable-diffusion-inpainting": {
+        "unet/config.json": _SD_UNET, "vae/config.json": _VAE, "text_encoder/config.json": _CLIP_L},
+    "diffusers/stable-diffusion-xl-1.0-inpainting-0.1": {
+        "unet/config.json": _SDXL_UNET, "vae/config.json": _VAE,
+        "text_encoder/config.json": _CLIP_L, "text_encoder_2/config.json": _CLIP_G},
+    # x4 upscaler: 7 input channels (4 latent + the 3-channel low-res image) and the 1000-class noise-level
+    # embedding stay; the VAE keeps 3 blocks (a scale factor of 4, not SD's 8).
+    "stabilityai/stable-diffusion-x4-upscaler": {
+        "unet/config.json": {**_SD_UNET, "attention_head_dim": 2},
+        "vae/config.json": {**_VAE, "block_out_channels": [8, 8, 16]}, "text_encoder/config.json": _CLIP_H},
+    # x2 latent upscaler: time_cond_proj_dim = 128 (noise-level embedding) + the text encoder's pooled width.
+    "stabilityai/sd-x2-latent-upscaler": {
+        "unet/config.json": {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": 8, "layers_per_block": 1,
+                             "cross_attention_dim": 32, "time_cond_proj_dim": 128 + 32},
+        "vae/config.json": _VAE, "text_encoder/config.json": _CLIP_L},
 }
 # dtype of the plain (non-variant) weight files where the real repo stores them in a half precision
 STORED_DTYPE = {"black-forest-labs/FLUX.1-schnell": "bfloat16", "stabilityai/stable-diffusion-3.5-medium": "float16"}

@@ -1,6 +1,7 @@
 """Conformance: every registry entry, served as a replica of its real Hub repo (tests/replicas.py), goes through
 the path a user takes: download -> generate on the CPU -> replay with --from -> info -> models -> tiny VAE ->
-finetune -> --lora (issue 12).
+finetune -> --lora (issue 12); upscalers: download -> `dalle upscale`; inpainting variants: download -> load
+(issue 14; `dalle edit` on them is checked with that command).
 
 The default run downloads every entry (one process, online against the stand-in Hub) and generates, replays
 and reads back one image per pipeline (two offline processes, tests/dalle_session.py); the rest (other dtypes,
@@ -79,9 +80,16 @@ EXPECTED: dict[str, list[str]] = {
     "taesd": ["config.json", DM],
     "taesdxl": ["config.json", DM],
     "lcm-lora-sdv1-5": ["pytorch_lora_weights.safetensors"],
+    "sd-1.5-inpainting": SD_FP16,
+    "sdxl-inpainting": SDXL_FP16,
+    # the x4 upscaler has a second scheduler (the DDPM schedule that noises the low-resolution input)
+    "sd-x4-upscaler": [*SD_FP16, "low_res_scheduler/scheduler_config.json"],
+    "sd-x2-latent-upscaler": ["model_index.json", "scheduler/scheduler_config.json", *_component("text_encoder", TE),
+                              *_tokenizer("tokenizer"), *_component("unet", DM), *_component("vae", DM)],
 }
 COMPANIONS = {"sdxl": {"madebyollin/sdxl-vae-fp16-fix": VAE_FIX},
-              "sdxl-turbo": {"madebyollin/sdxl-vae-fp16-fix": VAE_FIX}}
+              "sdxl-turbo": {"madebyollin/sdxl-vae-fp16-fix": VAE_FIX},
+              "sdxl-inpainting": {"madebyollin/sdxl-vae-fp16-fix": VAE_FIX}}
 # The scheduler each pipeline's own scheduler_config.json names; recorded in the image either as this class
 # name or as dalle's short name for it, and replayed by --from.
 SCHEDULER_CLASS = {"sd-turbo": "EulerDiscreteScheduler", "sdxl-turbo": "EulerAncestralDiscreteScheduler",
@@ -93,6 +101,13 @@ ENTRIES = [name for name, spec in REGISTRY.items() if spec.repo_id]
 PIPELINES = [name for name in ENTRIES if REGISTRY[name].is_pipeline]
 # finetune trains a UNet with one text encoder today; the others must be refused in one line
 FINETUNABLE = [name for name in PIPELINES if REGISTRY[name].family == "stable-diffusion"]
+# `dalle upscale` models, and the inpainting variants `dalle edit` reaches through a pipeline's `inpaint`
+UPSCALERS = [name for name in ENTRIES if REGISTRY[name].kind == "upscaler"]
+INPAINTING = [name for name in ENTRIES if REGISTRY[name].kind == "inpainting"]
+PIPELINE_CLASS = {"sd-x4-upscaler": "StableDiffusionUpscalePipeline",
+                  "sd-x2-latent-upscaler": "StableDiffusionLatentUpscalePipeline",
+                  "sd-1.5-inpainting": "StableDiffusionInpaintPipeline",
+                  "sdxl-inpainting": "StableDiffusionXLInpaintPipeline"}
 
 
 def test_every_registry_entry_has_a_replica_and_an_expected_download():
@@ -101,6 +116,7 @@ def test_every_registry_entry_has_a_replica_and_an_expected_download():
     assert set(ENTRIES) == set(EXPECTED)
     assert {REGISTRY[name].repo_id for name in ENTRIES} == set(SHRINK)
     assert set(PIPELINES) == set(SCHEDULER_CLASS)
+    assert set(UPSCALERS) | set(INPAINTING) == set(PIPELINE_CLASS)
 
 
 # --- shared state: one HF cache per module, filled by one download process ---------------------------------
@@ -185,7 +201,8 @@ def test_download_never_requested_a_file_outside_the_plan(downloads, world):
                 or "/text_encoders/" in p]
     for single in ("sd_turbo.safetensors", "v1-5-pruned-emaonly.safetensors", "v1-5-pruned.safetensors",
                    "sd_xl_base_1.0.safetensors", "sd_xl_turbo_1.0_fp16.safetensors", "sd3.5_medium.safetensors",
-                   "flux1-schnell.safetensors", "ae.safetensors", "sdxl_vae.safetensors", "sdxl.vae.safetensors"):
+                   "flux1-schnell.safetensors", "ae.safetensors", "sdxl_vae.safetensors", "sdxl.vae.safetensors",
+                   "x4-upscaler-ema.safetensors", "sd_xl_base_1.0_inpainting_0.1.safetensors"):
         assert not [p for p in fetched if p.endswith("/" + single)], single
 
 
@@ -264,6 +281,107 @@ def test_generate_replay_and_info(name, generated, world):
     assert text["code"] == 0, first_line(text["stderr"])
     rerun = next(line for line in text["stdout"].splitlines() if line.startswith("rerun"))
     assert rerun.split(None, 1)[1].startswith("dalle generate --from ")
+
+
+# --- upscalers and inpainting variants (default run: one offline process) --------------------------------
+UPSCALE_INPUT = (40, 24)  # pixels; padded by dalle to the x2 upscaler's 64-pixel minimum, cropped back after
+
+
+@pytest.fixture(scope="module")
+def other_tasks(downloads, world):
+    """`dalle upscale` with each upscaler, and `dalle generate --model` of every upscaler and inpainting entry
+    (which must be refused), in one offline process."""
+    root = world["root"]
+    image = Image.new("RGB", UPSCALE_INPUT, (30, 40, 200))
+    image.paste((220, 30, 30), (8, 6, 24, 18))
+    image.save(root / "upscale-input.png")
+    commands = [["upscale", str(root / "upscale-input.png"), "--model", name, "--scale", str(REGISTRY[name].scale),
+                 "--steps", "2", "--seed", "1", "--prompt", PROMPT, "--device", "cpu", "--out",
+                 str(root / "upscaled" / name), "--json"] for name in UPSCALERS]
+    commands += [_generate_args(name, root / "refused" / name) for name in UPSCALERS + INPAINTING]
+    results = session(commands, dict(world["offline"], DALLE_THREADS="1"), root)  # 1 thread: the CPUs are shared
+    return dict(zip([("upscale", n) for n in UPSCALERS] + [("generate", n) for n in UPSCALERS + INPAINTING],
+                    results))
+
+
+@pytest.mark.parametrize("name", UPSCALERS)
+def test_upscale_with_the_replica(name, other_tasks, world):
+    """download -> `dalle upscale`: the output is scale x the input, with the upscale metadata; `dalle generate
+    --model` of an upscaler is a one-line usage error naming `dalle upscale`."""
+    spec = REGISTRY[name]
+    made = other_tasks[("upscale", name)]
+    assert made["code"] == 0, first_line(made["stderr"]) or made["stderr"][-2000:]
+    png = _png(made, world["root"])
+    assert Image.open(png).size == (UPSCALE_INPUT[0] * spec.scale, UPSCALE_INPUT[1] * spec.scale)
+    settings = json.loads(made["stdout"])["parameters"]
+    assert settings["task"] == "upscale" and settings["model"] == name and settings["scale"] == spec.scale
+    assert settings["steps"] == 2 and settings["seed"] == 1 and settings["prompt"] == PROMPT
+    assert len(settings["model_revision"]) == 40 and settings["noise_level"] == spec.noise_level
+    refused = other_tasks[("generate", name)]
+    assert refused["code"] == 2
+    assert first_line(refused["stderr"]).endswith(f"{name} is an upscaler: use `dalle upscale`")
+
+
+@pytest.mark.parametrize("name", INPAINTING)
+def test_inpainting_variant_downloads_and_loads(name, other_tasks, world):
+    """The inpainting variant named by its base's `inpaint`: downloaded (test_download_fetches_exactly_...),
+    loaded by dalle's loader from the snapshot (safetensors only) as an inpainting pipeline with a 9-channel UNet,
+    and refused by `dalle generate` with a line naming `dalle edit`."""
+    from dallecli.engine.loading import load_pipeline
+
+    spec = REGISTRY[name]
+    assert any(base.inpaint == name for base in REGISTRY.values())
+    snapshot = _snapshot(world, spec.repo_id)
+    pipe = load_pipeline(snapshot, "cpu", "float32", spec.variant)
+    assert type(pipe).__name__ == PIPELINE_CLASS[name] and pipe.unet.config.in_channels == 9
+    refused = other_tasks[("generate", name)]
+    assert refused["code"] == 2 and first_line(refused["stderr"]).endswith("is an inpainting model: use `dalle edit`")
+
+
+# --- images in: img2img and `dalle edit` on every pipeline (default run: one offline process) ----------------
+@pytest.fixture(scope="module")
+def images_in(downloads, world):
+    """Per pipeline: `dalle generate --image` at strength 0.5 and `dalle edit --mask` (the inpainting variant for
+    a base that names one: all are downloaded here), in one offline process."""
+    root = world["root"]
+    scene = Image.new("RGB", (int(SIZE), int(SIZE)), (240, 240, 240))
+    scene.paste((220, 30, 30), (16, 16, 48, 48))
+    scene.save(root / "edit-input.png")
+    mask = Image.new("L", scene.size, 0)
+    mask.paste(255, (24, 8, 56, 40))
+    mask.save(root / "edit-mask.png")
+    common = ["--steps", "2", "--seed", "1", "--device", "cpu", "--json"]
+    commands = []
+    for name in PIPELINES:
+        commands.append(["generate", PROMPT, "--model", name, "--image", str(root / "edit-input.png"), "--strength",
+                         "0.5", "--out", str(root / "img2img" / name), *common])
+        commands.append(["edit", str(root / "edit-input.png"), PROMPT, "--mask", str(root / "edit-mask.png"),
+                         "--model", name, "--out", str(root / "edit" / name), *common])
+    results = session(commands, dict(world["offline"], DALLE_THREADS="1"), root)
+    return {(task, name): results[2 * i + k] for i, name in enumerate(PIPELINES)
+            for k, task in enumerate(("img2img", "edit"))}
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_img2img_and_edit_with_the_replica(name, images_in, world):
+    """img2img records strength 0.5 and the init image; an edit keeps every unmasked pixel and uses the
+    registry's inpainting variant when the base names one; PixArt (no such diffusers pipeline) is refused."""
+    img2img, edit = images_in[("img2img", name)], images_in[("edit", name)]
+    if REGISTRY[name].family == "pixart":
+        assert img2img["code"] == 2 and "cannot do image to image" in img2img["stderr"]
+        assert edit["code"] == 2 and "cannot do edit" in edit["stderr"]
+        return
+    for made in (img2img, edit):
+        assert made["code"] == 0, first_line(made["stderr"]) or made["stderr"][-2000:]
+    settings = json.loads(img2img["stdout"])["parameters"]
+    assert (settings["task"], settings["strength"]) == ("img2img", 0.5)
+    assert settings["init_image"]["path"] == str((world["root"] / "edit-input.png").resolve())
+    settings = json.loads(edit["stdout"])["parameters"]
+    assert settings["task"] == "inpaint" and settings["model"] == (REGISTRY[name].inpaint or name)
+    before = np.asarray(Image.open(world["root"] / "edit-input.png"))
+    after = np.asarray(Image.open(_png(edit, world["root"])))
+    kept = np.asarray(Image.open(world["root"] / "edit-mask.png")) < 128
+    assert np.array_equal(after[kept], before[kept])
 
 
 # --- slow: one process per command, as a user runs them ---------------------------------------------------

@@ -214,11 +214,22 @@ def test_moved_repo_and_renamed_alias_map_with_a_notice():
 
 def test_registry_fields_are_consistent():
     for spec in REGISTRY.values():
-        assert spec.kind in ("pipeline", "vae", "tiny-vae", "lora")
+        assert spec.kind in ("pipeline", "upscaler", "inpainting", "vae", "tiny-vae", "lora")
         if spec.vae is not None:
             assert REGISTRY[spec.vae].kind == "vae" and REGISTRY[spec.vae].family == spec.family
-        if spec.kind == "pipeline":
+        if spec.kind in ("pipeline", "inpainting"):
             assert spec.steps >= 1 and spec.width % 8 == 0 and spec.height % 8 == 0
+        if spec.inpaint is not None:  # `dalle edit` reads it: an inpainting entry of the same family
+            assert spec.kind == "pipeline"
+            assert REGISTRY[spec.inpaint].kind == "inpainting" and REGISTRY[spec.inpaint].family == spec.family
+        assert (spec.scale is not None) == (spec.kind == "upscaler")
+        if spec.kind == "upscaler":
+            assert spec.steps >= 1 and spec.scale in (2, 4) and spec.repo_id
+    from dallecli.store.registry import upscale_factors, upscaler_for
+
+    assert upscale_factors() == [2, 4]
+    assert upscaler_for(4).alias == "sd-x4-upscaler" and upscaler_for(2).alias == "sd-x2-latent-upscaler"
+    assert REGISTRY["sd-1.5"].inpaint == "sd-1.5-inpainting" and REGISTRY["sdxl"].inpaint == "sdxl-inpainting"
     assert tiny_decoder_for("sdxl").alias == "taesdxl" and tiny_decoder_for("stable-diffusion").alias == "taesd"
     assert tiny_decoder_for("flux") is None
 

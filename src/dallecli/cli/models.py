@@ -85,7 +85,10 @@ def info_(
         if key not in ("alias", "repo_id") and value not in (None, ""):
             out(f"{key}: {value}")
     defaults = details["defaults"]
-    if defaults is not None:
+    if defaults is not None and "scale" in defaults:  # an upscaler: the output size follows the input
+        out(f"defaults: steps={defaults['steps']} guidance={defaults['guidance']} scale={defaults['scale']}"
+            + (f" noise_level={defaults['noise_level']}" if defaults["noise_level"] is not None else ""))
+    elif defaults is not None:
         out(f"defaults: steps={defaults['steps']} guidance={defaults['guidance']} "
             f"size={defaults['width']}x{defaults['height']}")
     if not details["downloaded"]:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from dallecli import __version__
 from dallecli.errors import ModelNotFoundError, UsageError
-from dallecli.store.registry import EMBEDDED, PIPELINE_FAMILIES, REGISTRY, ModelSpec, defaults_for, lookup
+from dallecli.store.registry import (EMBEDDED, PIPELINE_FAMILIES, PIPELINE_KINDS, REGISTRY, ModelSpec, defaults_for,
+                                     lookup)
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,10 @@ def list_models(cache_dir: Path | None = None) -> list[CachedModel]:
         for rev in sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True):
             folder = Path(rev.snapshot_path)
             kind = spec.kind if spec is not None else "pipeline"
-            if kind == "pipeline" and not (folder / "model_index.json").exists():
+            if kind in PIPELINE_KINDS and not (folder / "model_index.json").exists():
                 continue  # other tools' repos in the shared cache (language models, datasets...)
             files = tuple(sorted(f.file_path.relative_to(folder).as_posix() for f in rev.files))
-            missing = tuple(missing_components(folder)) if kind == "pipeline" else ()
+            missing = tuple(missing_components(folder)) if kind in PIPELINE_KINDS else ()
             models.append(CachedModel(spec.alias if spec else None, repo.repo_id, rev.commit_hash,
                                       tuple(sorted(rev.refs)), rev.size_on_disk, _family(folder, spec), folder, files,
                                       kind, missing))
@@ -181,7 +182,7 @@ def model_details(name: str, cache_dir: Path | None = None) -> dict:
         "registry": spec.as_dict() if spec else None,
         "pipeline_class": pipeline_class,
         "downloaded": [dict(m.as_dict(), files=list(m.files)) for m in cached],
-        "defaults": defaults_for(spec, pipeline_class, sample) if spec is None or spec.is_pipeline else None,
+        "defaults": defaults_for(spec, pipeline_class, sample) if spec is None or spec.is_diffusers_pipeline else None,
     }
 
 
