@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from dallecli.batch.prompts import MAX_IMAGES_PER_ROW, PromptRow
 from dallecli.engine.request import MAX_SEED, GenerationRequest, validate_request
@@ -24,7 +25,7 @@ SEED_STRIDE = MAX_IMAGES_PER_ROW
 DEFAULT_BATCH_SIZE = 4
 # the fields that identify a finished image in the manifest (a job with the same values is not redone)
 KEY_FIELDS = ("row", "image", "prompt", "seed", "negative_prompt", "steps", "guidance_scale", "width", "height",
-              "model", "scheduler", "clip_skip")
+              "model", "scheduler", "clip_skip", "init_image", "mask", "strength")
 
 
 def image_seed(base_seed: int, row: int, image: int, row_seed: int | None = None) -> int:
@@ -135,13 +136,16 @@ class Settings:
     model: str
     scheduler: str  # the --scheduler name, "default" for the model's own
     clip_skip: int | None = None  # AUTOMATIC1111 numbering, >= 2; None skips nothing
+    init_image: str | None = None  # absolute path of the row's init image (image to image; with mask: inpainting)
+    mask: str | None = None  # absolute path of the row's mask (white = repaint)
+    strength: float | None = None  # the row's denoising strength; None: the task's default
 
     def request(self) -> GenerationRequest:
         """These settings as a request for :meth:`~dallecli.engine.generate.Engine.generate_items`."""
         return GenerationRequest(
             prompt="-", negative_prompt=self.negative_prompt, steps=self.steps, guidance_scale=self.guidance_scale,
             width=self.width, height=self.height, scheduler=None if self.scheduler == "default" else self.scheduler,
-            clip_skip=self.clip_skip,
+            clip_skip=self.clip_skip, image=self.init_image, mask=self.mask, strength=self.strength,
         )
 
 
@@ -185,17 +189,32 @@ def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: 
         shard: take only this shard's rows (None: all rows).
 
     Returns:
-        The jobs; image sizes in pixels.
+        The jobs; image sizes in pixels (a row with an init image and no size takes the image's, rounded to
+        multiples of 8).
+
+    Raises:
+        UsageError: a row's init image is not a readable image (read here, before any model loads).
     """
+    from dallecli.engine.inputs import load_init_image, nearest_size
+
+    sizes: dict[str, tuple[int, int]] = {}
     jobs = []
     for row in rows:
         if shard is not None and not shard.takes(row.row):
             continue
         given = row.settings
 
+        init_image = given.get("image")
+        if init_image is not None and init_image not in sizes:
+            width, height = load_init_image(Path(init_image), f"line {row.line}: image").size
+            sizes[init_image] = nearest_size(width), nearest_size(height)
+        own = dict(zip(("width", "height"), sizes[init_image])) if init_image is not None else {}
+
         def pick(name, option):
             if name in given:
                 return given[name]
+            if option is None and name in own:
+                return own[name]
             return option if option is not None else model_defaults[name]
 
         settings = Settings(
@@ -204,6 +223,7 @@ def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: 
             width=int(pick("width", options.width)), height=int(pick("height", options.height)),
             model=model, scheduler=options.scheduler or "default",
             clip_skip=options.clip_skip if options.clip_skip != 1 else None,
+            init_image=init_image, mask=given.get("mask"), strength=given.get("strength"),
         )
         for image in range(given.get("n", options.n)):
             seed = image_seed(base_seed, row.row, image, given.get("seed"))
@@ -220,8 +240,9 @@ def split_finished(jobs: Iterable[Job], finished: Mapping[tuple, object]) -> tup
 
 
 def group_batches(jobs: Iterable[Job], batch_size: int) -> list[list[Job]]:
-    """Group jobs with identical :class:`Settings` (in order of first appearance) and cut each group into
-    forward passes of at most ``batch_size`` images; the last pass of a group may be smaller.
+    """Group jobs with identical :class:`Settings` (in order of first appearance; rows with another init image,
+    mask or strength are another group: a forward pass has one init image) and cut each group into forward
+    passes of at most ``batch_size`` images; the last pass of a group may be smaller.
 
     Raises:
         UsageError: batch_size < 1.

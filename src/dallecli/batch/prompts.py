@@ -9,8 +9,10 @@ Formats:
 All are UTF-8 with or without a BOM, with LF, CRLF or CR line ends.
 
 Per-row settings (CSV/TSV columns or JSONL keys, empty or null = not set): ``negative_prompt``, ``seed``
-(seed of the row's image 0), ``n``, ``steps``, ``guidance``, ``width``, ``height``; ``num_images`` and
-``guidance_scale`` are accepted as other names. Other columns and keys are ignored and listed in
+(seed of the row's image 0), ``n``, ``steps``, ``guidance``, ``width``, ``height``; ``image`` (an init image:
+image to image), ``mask`` (with ``image``: inpainting, white = repaint) and ``strength`` (in (0, 1]), whose
+paths are relative to the prompt file's folder and must exist; ``num_images`` and ``guidance_scale`` are
+accepted as other names. Other columns and keys are ignored and listed in
 :attr:`PromptFile.ignored_fields`.
 
 Every record (a prompt line, a data row, a JSON line; blank and comment lines excluded) gets a ``row`` number,
@@ -31,7 +33,7 @@ from dallecli.engine.request import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, nearest_m
 from dallecli.errors import UsageError
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
-SETTING_FIELDS = ("negative_prompt", "seed", "n", "steps", "guidance", "width", "height")
+SETTING_FIELDS = ("negative_prompt", "seed", "n", "steps", "guidance", "width", "height", "image", "mask", "strength")
 FIELD_ALIASES = {"num_images": "n", "guidance_scale": "guidance"}
 MAX_IMAGES_PER_ROW = 1000  # also the row stride of the seed formula in dallecli.batch.plan
 _LINE_BREAK = re.compile(rb"\r\n|\n|\r")
@@ -116,9 +118,9 @@ def parse_prompts(data: bytes, fmt: str, path: Path | str = "<input>") -> Prompt
     if fmt == "txt":
         return _parse_txt(data, path)
     if fmt == "jsonl":
-        return _parse_jsonl(data, path)
+        return _resolve_inputs(_parse_jsonl(data, path))
     if fmt in ("csv", "tsv"):
-        return _parse_table(data, path, fmt)
+        return _resolve_inputs(_parse_table(data, path, fmt))
     raise UsageError(f"unknown prompt file format '{fmt}'; use txt, csv, tsv or jsonl")
 
 
@@ -225,6 +227,30 @@ def _parse_table(data: bytes, path: Path, fmt: str) -> PromptFile:
     return PromptFile(path, fmt, rows, invalid, ignored)
 
 
+def _resolve_inputs(parsed: PromptFile) -> PromptFile:
+    """Make each row's ``image`` and ``mask`` absolute (relative to the prompt file's folder); a row whose file
+    is missing, or with a mask or strength but no image, becomes invalid."""
+    folder = parsed.path.parent
+    rows, invalid = [], list(parsed.invalid)
+    for row in parsed.rows:
+        settings = dict(row.settings)
+        problem = None
+        if "image" not in settings and ("mask" in settings or "strength" in settings):
+            problem = f"{'mask' if 'mask' in settings else 'strength'} needs an image (the init image)"
+        for name in ("image", "mask"):
+            if problem is None and name in settings:
+                resolved = (folder / settings[name]).absolute()
+                if not resolved.is_file():
+                    problem = f"{name} {settings[name]} does not exist (paths are relative to {folder})"
+                settings[name] = str(resolved)
+        if problem:
+            invalid.append(InvalidRow(row.row, row.line, problem))
+        else:
+            rows.append(PromptRow(row.row, row.line, row.prompt, settings))
+    invalid.sort(key=lambda bad: bad.row)
+    return PromptFile(parsed.path, parsed.format, rows, invalid, parsed.ignored_fields)
+
+
 def _field_name(name: str) -> str:
     name = str(name).strip().lower().replace(" ", "_").replace("-", "_")
     return FIELD_ALIASES.get(name, name)
@@ -242,6 +268,17 @@ def _check_settings(settings: dict, *, from_text: bool) -> dict:
     checked = {}
     for name, value in settings.items():
         if value is None:
+            continue
+        if name in ("image", "mask"):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be a file path, got {value!r}")
+            checked[name] = value.strip()
+            continue
+        if name == "strength":
+            number = _to_float(name, value, from_text)
+            if not 0 < number <= 1:  # NaN fails this too
+                raise ValueError(f"strength must be above 0 and at most 1, got {value!r}")
+            checked[name] = number
             continue
         if name == "negative_prompt":
             if not isinstance(value, str):

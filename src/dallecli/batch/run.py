@@ -138,7 +138,13 @@ def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -
             expected["scheduler"] = s.scheduler
         if s.clip_skip is not None:
             expected["clip_skip"] = s.clip_skip
-        if stored and stored.get("source") == "dalle" and all(stored.get(k) == v for k, v in expected.items()):
+        inputs = {"init_image": s.init_image, "mask": s.mask}  # the same files (paths), or none
+        same_input = all(((stored or {}).get(k) or {}).get("path") == (str(Path(v).resolve()) if v else None)
+                         for k, v in inputs.items())
+        if s.strength is not None:
+            expected["strength"] = s.strength
+        if stored and same_input and stored.get("source") == "dalle" and all(
+                stored.get(k) == v for k, v in expected.items()):
             append_record(folder, {"type": "image", "status": "done", **job.fields(), **(extra or {}),
                                    "sampler": stored.get("scheduler"), "dtype": stored.get("dtype"),
                                    "device": stored.get("device"), "path": path.name, "seconds": None})

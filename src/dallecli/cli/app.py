@@ -8,12 +8,16 @@ import typer
 
 from dallecli import __version__
 from dallecli.cli.download import download
+from dallecli.cli.edit import edit
 from dallecli.cli.finetune import finetune
 from dallecli.cli.batch import batch
 from dallecli.cli.doctor import doctor
 from dallecli.cli.generate import generate
 from dallecli.cli.info import info
 from dallecli.cli.models import models_app
+from dallecli.cli.variations import variations
+from dallecli.cli.upscale import upscale
+from dallecli.cli.serve import serve
 
 app = typer.Typer(
     name="dalle",
@@ -44,14 +48,21 @@ def root(
 
 
 app.command("generate")(generate)
+app.command("edit")(edit)
+app.command("variations")(variations)
 app.command("batch")(batch)
+app.command("upscale")(upscale)
 app.command("download")(download)
 app.command("finetune")(finetune)
 app.add_typer(models_app, name="models")
 app.command("info")(info)
 app.command("doctor")(doctor)
+app.command("serve")(serve)
 
 
 def main() -> None:
     """Console-script entry point."""
+    from dallecli.engine.threads import mark_start
+
+    mark_start()  # the thread policy measures other processes' CPU use while torch imports
     app()

@@ -107,6 +107,8 @@ def batch(
     recorded = start_run(folder, random_seed() if seed is None else seed, {"source": str(file), "version": __version__})
     base_seed = seed if seed is not None else recorded
     jobs = plan_jobs(prompts.rows, options, engine.defaults(), engine.model.name, base_seed, shard_spec)
+    for task in sorted({job.settings.request().resolved_task for job in jobs} - {"txt2img"}):
+        engine.check_task(task)  # "MODEL cannot do edit" before the model loads
     extra = {"base_seed": base_seed, "shard": str(shard_spec) if shard_spec else None}
     finished = finished_images(folder, read_records(folder))
     if overwrite:
@@ -134,7 +136,11 @@ def batch(
     load_seconds = time.perf_counter() - load_started
     started = time.perf_counter()
     unknown: dict[str, None] = {}  # words the model does not know, in the order they appeared
-    with step_progress(sum(b[0].settings.steps for b in batches), "generating") as bar:
+    from dallecli.engine.request import effective_steps
+
+    defaults = engine.defaults()
+    with step_progress(sum(effective_steps(b[0].settings.request().with_defaults(defaults)) for b in batches),
+                       "generating") as bar:
         try:
             for outcome in run_jobs(engine, batches, folder, extra=extra, replace=replace,
                                     on_step=lambda step, total: bar.advance()):

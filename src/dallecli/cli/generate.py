@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from dallecli.cli.errors import Interrupted, handles_errors
+from dallecli.cli.errors import handles_errors
 from dallecli.cli.options import (CacheDir, ClipSkip, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt,
-                                  Revision, Scheduler, Steps, Vae, Width)
+                                  Revision, Scheduler, Steps, Strength, Vae, Width)
 
 
 def _from_image(path: Path) -> dict:
@@ -42,15 +42,17 @@ def generate(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA to apply, PATH[:SCALE] or a registry LoRA NAME[:SCALE] after `dalle download NAME` (scale 1 by default); repeatable.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Init image: image to image from it (its size, rounded to multiples of 8, unless --width/--height).", show_default=False)] = None,
+    strength: Strength = None,
+    server: Annotated[Optional[str], typer.Option(envvar="DALLE_SERVER", show_envvar=True, help="URL of a running `dalle serve` to generate with (its model stays loaded); the images are written here.")] = None,
 ) -> None:
-    """Generate images from a text prompt."""
-    from dallecli.cli.console import info, out as print_line, out_json, report_memory_choice, step_progress, warn
+    """Generate images from a text prompt (or from an init image with --image)."""
+    from dallecli.cli.console import out as print_line, out_json
     from dallecli.config import default_output_dir, user_default
     from dallecli.images import prepare_output_folder
     from dallecli.engine.request import GenerationRequest, validate_request
-    from dallecli.engine.schedulers import a1111_sampler, validate_scheduler
+    from dallecli.engine.schedulers import validate_scheduler
     from dallecli.errors import UsageError
-    from dallecli.images import write_png
 
     stored = _from_image(from_image) if from_image else {}
     if stored:
@@ -69,6 +71,9 @@ def generate(
         dtype = dtype if dtype is not None else stored.get("dtype")
         vae = vae if vae is not None else stored.get("vae")
         clip_skip = clip_skip if clip_skip is not None else stored.get("clip_skip")
+    from dallecli.cli.running import replay_inputs
+
+    inputs = replay_inputs(stored, from_image, image, strength)
     if prompt is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
     from dallecli.engine.lora import parse_lora
@@ -82,42 +87,28 @@ def generate(
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
         guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
-        loras=loras, clip_skip=clip_skip,
+        loras=loras, clip_skip=clip_skip, **inputs,
     )
     validate_request(request)  # before any model loads
     validate_scheduler(scheduler)
     folder = prepare_output_folder(out or default_output_dir())
+    if server and request.image is not None:
+        raise UsageError("--image (and --from an img2img or edit image) runs locally only; leave out --server")
+    if server:  # a running `dalle serve` makes the images; they are written here as an in-process run writes them
+        from dallecli.serve.client import check_local_options, generate_on_server
 
-    from dallecli.engine.generate import Engine
+        check_local_options(request, revision=revision, cache_dir=cache_dir, device=device, dtype=dtype, vae=vae,
+                            low_memory=low_memory)
+        made = generate_on_server(server, request, model or user_default("model"), folder)
+        if json_output:
+            out_json({"images": [{"path": str(path), "seed": s["seed"]} for path, s in made],
+                      "parameters": {k: v for k, v in made[-1][1].items() if k != "seed"}})
+        for path, _ in made if not json_output else []:
+            print_line(str(path))
+        return
 
-    engine = Engine(model or user_default("model"), device or user_default("device"), dtype or user_default("dtype"),
-                    cache_dir, vae=vae, low_memory=low_memory, revision=revision,
-                    recorded_revision=stored.get("model_revision") if model == stored.get("model") else None)
-    for notice in engine.notices:
-        info(notice)
-    planned, _ = engine.plan(request)
-    report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size, planned.num_images),
-                                       planned.guidance_scale > 1))
-    written: list[dict] = []
-    with step_progress(planned.num_images * planned.steps, "generating") as bar:
-        try:
-            for result in engine.generate(planned, on_step=lambda step, total: bar.advance()):
-                for message in result.warnings:
-                    warn(message)
-                for applied in result.settings.loras if result.index == 0 else []:
-                    info(f"LoRA {applied['name']}: {applied['tensors']} tensors applied to {applied['layers']} "
-                         f"layers at scale {applied['scale']:g}")
-                    if applied["tensors"] < applied["file_tensors"]:
-                        warn(f"LoRA {applied['name']}: {applied['file_tensors'] - applied['tensors']} of its "
-                             f"{applied['file_tensors']} tensors match no layer of this model")
-                settings = result.settings.to_dict()
-                path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]))
-                written.append({"path": str(path), "seed": settings["seed"]})
-                if not json_output:
-                    print_line(str(path))
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted: {len(written)} finished image(s) kept in {folder}; the image in "
-                              "progress was discarded") from None
-    if json_output:
-        parameters = {k: v for k, v in settings.items() if k != "seed"}
-        out_json({"images": written, "parameters": parameters})
+    from dallecli.cli.running import run_local
+
+    run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
+              vae=vae, low_memory=low_memory, revision=revision,
+              recorded_revision=stored.get("model_revision") if model == stored.get("model") else None)

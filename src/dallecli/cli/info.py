@@ -10,7 +10,7 @@ import typer
 from dallecli.cli.errors import handles_errors
 
 _ORDER = ("prompt", "negative_prompt", "model", "model_revision", "seed", "steps", "guidance_scale", "width", "height",
-          "scheduler", "sampler", "dtype", "loras", "version")
+          "scheduler", "sampler", "dtype", "loras", "task", "strength", "init_image", "mask", "version")
 
 
 @handles_errors
@@ -40,5 +40,9 @@ def info(
             continue
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         out(f"{key:<{width}}  {text}")
-    if source == "dalle":
+    if source == "dalle" and settings.get("task") == "upscale":
+        from dallecli.engine.upscale import rerun_command
+
+        out(f"{'rerun':<{width}}  {shlex.join(rerun_command(settings))}")
+    elif source == "dalle":
         out(f"{'rerun':<{width}}  dalle generate --from {shlex.quote(str(image))}")

@@ -20,4 +20,5 @@ Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or 
 Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.")]
 Vae = Annotated[Optional[str], typer.Option(help="Decoder: full (the model's), tiny (fast previews; `dalle download taesd`), or a VAE alias/repo/folder.")]
 ClipSkip = Annotated[Optional[int], typer.Option(help="CLIP layers to skip, AUTOMATIC1111 numbering: 1 = none, 2 = use the penultimate layer (SD 1.x/2.x, SDXL, SD 3).", show_default=False)]
-LowMemory = Annotated[Optional[bool], typer.Option("--low-memory/--no-low-memory", help="Attention slicing, VAE tiling for big images, CPU offload on CUDA (default: on when free memory is short).", show_default=False)]
+LowMemory = Annotated[Optional[bool], typer.Option("--low-memory/--no-low-memory", help="VAE tiling for big images, CPU offload on CUDA, attention slicing on MPS (default: on when free memory is short).", show_default=False)]
+Strength = Annotated[Optional[float], typer.Option(help="Denoising strength in (0, 1]: the share of the steps run on the noised init image (int(steps x strength) steps); low keeps the input, 1 redraws it.", show_default=False)]

@@ -12,8 +12,9 @@ Caption sources, looked up for every image in this order (the first one that giv
 
 :func:`scan_folder` looks at every file first and says what it skips and why (folder metadata such as
 ``.DS_Store``/``Thumbs.db``, notes, zero-byte or corrupt images); :func:`check_captions` stops the run when
-images lack captions. :func:`load_rgb` turns any Pillow image into 8-bit RGB: EXIF orientation applied,
-transparency composited on white, grayscale/palette/CMYK converted, 16-bit samples scaled (not clipped).
+images lack captions. :func:`load_rgb` (from :mod:`dallecli.engine.inputs`, shared with ``dalle edit`` and
+``--image``) turns any Pillow image into 8-bit RGB: EXIF orientation applied, transparency composited on white,
+grayscale/palette/CMYK converted, 16-bit samples scaled (not clipped).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dallecli.engine.inputs import load_rgb, to_rgb8  # noqa: F401 - one loader for training and image inputs
 from dallecli.errors import DatasetError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -200,66 +202,6 @@ def check_captions(scan: FolderScan, allow_missing: bool = False) -> None:
             f"{scan.summary()}; no caption for {names}{more}. Add a .txt beside each image (or metadata.jsonl), "
             "give --caption TEXT for the rest, or --allow-missing-captions to train them uncaptioned"
         )
-
-
-def _to_8bit(image):
-    """Single-channel 16/32-bit integer or float image -> mode "L", scaled to 0-255 (never clipped)."""
-    import numpy as np
-    from PIL import Image
-
-    array = np.asarray(image)
-    if image.mode == "F":
-        array = array.astype(np.float64)
-        peak = float(np.nanmax(array)) if array.size else 1.0
-        array = array * 255.0 if peak <= 1.0 else array * (255.0 / max(peak, 255.0))
-    else:
-        array = array.astype(np.float64)
-        peak = float(array.max()) if array.size else 0.0
-        # 16-bit data (the usual case) is scaled by 255/65535; wider integers by their own maximum
-        full = 65535.0 if peak <= 65535 else float(2 ** int(np.ceil(np.log2(peak + 1))) - 1)
-        array = array * (255.0 / full)
-    return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L")
-
-
-def to_rgb8(image):
-    """Any Pillow image -> 8-bit RGB.
-
-    EXIF orientation is applied; any transparency (RGBA, LA, PA, palette with a transparent colour) is
-    composited on white; 16-bit and 32-bit single-channel images are scaled to 0-255, not clipped; L, 1, P,
-    CMYK, YCbCr, LAB and HSV go through Pillow's conversions.
-    """
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return _to_8bit(image).convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode in ("P", "L", "RGB") and "transparency" in image.info)
-    if has_alpha:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        background.alpha_composite(rgba)
-        return background.convert("RGB")
-    if image.mode == "CMYK" and image.info.get("icc_profile"):
-        try:
-            import io
-
-            from PIL import ImageCms
-
-            source = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
-            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
-        except (OSError, ValueError, ImportError, ImageCms.PyCMSError):
-            pass
-    return image.convert("RGB")
-
-
-def load_rgb(path: Path):
-    """Open ``path`` and return it as an 8-bit RGB PIL image (see :func:`to_rgb8`)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb8(image)
 
 
 def resize_and_crop(image, resolution: int, center_crop: bool = True, rng: random.Random | None = None):

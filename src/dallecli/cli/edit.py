@@ -1,0 +1,57 @@
+"""``dalle edit``: repaint the masked part of an image from a prompt (inpainting); the rest is kept pixel for pixel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.cli.errors import handles_errors
+from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
+                                  Scheduler, Steps, Strength, Vae, Width)
+
+
+@handles_errors
+def edit(
+    image: Annotated[Path, typer.Argument(help="The image to edit (PNG, JPEG, WebP, ...).", show_default=False)],
+    prompt: Annotated[str, typer.Argument(help="What to paint in the masked area.", show_default=False)],
+    mask: Annotated[Optional[Path], typer.Option(help="White = repaint, black = keep (transparent = repaint in a mask with alpha); the image's size. Default: the image's own transparent pixels.", show_default=False)] = None,
+    num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted or -1.")] = None,
+    strength: Strength = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    width: Width = None,
+    height: Height = None,
+    negative_prompt: NegativePrompt = None,
+    model: Model = None,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1).")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    vae: Vae = None,
+    low_memory: LowMemory = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
+) -> None:
+    """Repaint the masked area of an image from a prompt (strength 1 by default); unmasked pixels are kept exactly."""
+    from dallecli.cli.running import run_local
+    from dallecli.config import default_output_dir, user_default
+    from dallecli.engine.request import GenerationRequest, validate_request
+    from dallecli.engine.schedulers import validate_scheduler
+    from dallecli.images import prepare_output_folder
+
+    scheduler = scheduler or user_default("scheduler")
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
+        guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
+        task="inpaint", image=str(image), mask=str(mask) if mask is not None else None, strength=strength,
+    )
+    validate_request(request)  # before any model loads
+    validate_scheduler(scheduler)
+    folder = prepare_output_folder(out or default_output_dir())
+    run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
+              vae=vae, low_memory=low_memory, revision=revision)

@@ -1,0 +1,112 @@
+"""What ``dalle generate``, ``dalle edit`` and ``dalle variations`` share: run one request on a local engine and
+write its images, and take an image task's inputs back from a ``--from`` image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def replay_inputs(stored: dict, source: Path | None, image: Path | None, strength: float | None) -> dict:
+    """The init image, mask, strength and task a ``--from`` image recorded, as :class:`GenerationRequest` fields
+    (empty for a text-to-image one). An ``--image`` given on the command line replaces the recorded inputs;
+    the recorded files must still be there with the SHA-256 they had (the engine checks the digests).
+
+    Raises:
+        UsageError: a recorded input file is missing, or its record is damaged.
+    """
+    from dallecli.errors import UsageError
+
+    recorded = stored.get("init_image")
+    if image is not None or not recorded:
+        return {"image": str(image) if image is not None else None, "strength": strength}
+    fields = {"image": recorded.get("path"), "image_sha256": recorded.get("sha256"), "task": stored.get("task"),
+              "strength": strength if strength is not None else stored.get("strength")}
+    mask = stored.get("mask") or {}
+    fields.update(mask=mask.get("path"), mask_sha256=mask.get("sha256"))
+    from dallecli.engine.inputs import is_upload
+
+    for what, path, digest in (("init image", fields["image"], fields["image_sha256"]),
+                               ("mask", fields["mask"], fields["mask_sha256"])):
+        if path is None and digest is None:
+            continue
+        if not isinstance(path, str) or not isinstance(digest, str):
+            raise UsageError(f"{source} has a damaged dalle metadata chunk: its {what} record lacks a path or sha256")
+        if is_upload(path):  # sent to `dalle serve`, which keeps no copy of what clients upload
+            command = {"inpaint": "edit", "variation": "variations"}.get(fields["task"], "generate --image")
+            raise UsageError(f"{source} was made by `dalle serve` from an uploaded {what} ({path}, SHA-256 "
+                             f"{digest[:12]}...) of which no copy was kept, so --from cannot replay it; run `dalle "
+                             f"{command}` on the original file(s) with the recorded seed, or give --image to start "
+                             "from another")
+        try:
+            present = Path(path).is_file()
+        except (OSError, ValueError):  # a NUL byte or an over-long name in a file from anyone
+            present = False
+        if not present:
+            raise UsageError(f"the {what} {path} that {source} was made from is missing; put it back to replay the "
+                             "image (or give --image to start from another)")
+    return fields
+
+
+def run_local(request, folder: Path, *, json_output: bool, model: str | None, device: str | None = None,
+              dtype: str | None = None, cache_dir: Path | None = None, vae: str | None = None,
+              low_memory: bool | None = None, revision: str | None = None,
+              recorded_revision: str | None = None) -> None:
+    """Make the images of ``request`` with a local engine (the model's inpainting variant for an edit, when
+    downloaded) and write them to ``folder``: paths on stdout (or one JSON document), notes and warnings on stderr.
+
+    Raises:
+        UsageError: an invalid request or input, or a model that cannot do the task (before anything loads).
+        Interrupted: Ctrl-C; finished images are kept.
+        DalleError: see :meth:`dallecli.engine.generate.Engine.generate`.
+    """
+    from dallecli.cli.console import info, out as print_line, out_json, report_memory_choice, step_progress, warn
+    from dallecli.cli.errors import Interrupted
+    from dallecli.config import user_default
+    from dallecli.engine.generate import Engine
+    from dallecli.engine.request import effective_steps
+    from dallecli.engine.schedulers import a1111_sampler
+    from dallecli.images import write_png
+
+    from dallecli.store.registry import lookup
+
+    model = model or user_default("model")
+    spec = lookup(model) if model else None
+    # an inpainting entry (sd-1.5-inpainting) is for edits: `dalle edit --model` or the --from replay of one
+    kind = "inpainting" if spec is not None and spec.kind == "inpainting" and request.resolved_task == "inpaint" \
+        else "pipeline"
+    if request.image is not None:  # "pixart-sigma cannot do edit", downloaded or not
+        from dallecli.engine.tasks import check_registry_task
+
+        check_registry_task(spec, request.resolved_task)
+    engine = Engine(model, device or user_default("device"), dtype or user_default("dtype"), cache_dir, vae=vae,
+                    low_memory=low_memory, revision=revision, recorded_revision=recorded_revision, kind=kind)
+    if request.image is not None:
+        engine = engine.for_task(request.resolved_task)
+    for notice in engine.notices:
+        info(notice)
+    planned, _ = engine.plan(request)
+    report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size, planned.num_images),
+                                       planned.guidance_scale > 1))
+    written: list[dict] = []
+    with step_progress(planned.num_images * effective_steps(planned), "generating") as bar:
+        try:
+            for result in engine.generate(planned, on_step=lambda step, total: bar.advance()):
+                for message in result.warnings:
+                    warn(message)
+                for applied in result.settings.loras if result.index == 0 else []:
+                    info(f"LoRA {applied['name']}: {applied['tensors']} tensors applied to {applied['layers']} "
+                         f"layers at scale {applied['scale']:g}")
+                    if applied["tensors"] < applied["file_tensors"]:
+                        warn(f"LoRA {applied['name']}: {applied['file_tensors'] - applied['tensors']} of its "
+                             f"{applied['file_tensors']} tensors match no layer of this model")
+                settings = result.settings.to_dict()
+                path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]))
+                written.append({"path": str(path), "seed": settings["seed"]})
+                if not json_output:
+                    print_line(str(path))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {len(written)} finished image(s) kept in {folder}; the image in "
+                              "progress was discarded") from None
+    if json_output:
+        parameters = {k: v for k, v in settings.items() if k != "seed"}
+        out_json({"images": written, "parameters": parameters})

@@ -1,0 +1,61 @@
+"""``dalle variations``: new images like a given one (image to image from it, with the prompt it was made from)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dallecli.cli.errors import handles_errors
+from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
+                                  Scheduler, Steps, Vae, Width)
+from dallecli.images import stored_prompt
+
+
+@handles_errors
+def variations(
+    image: Annotated[Path, typer.Argument(help="The image to make variations of.", show_default=False)],
+    num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt when the image's metadata holds none (default: empty).", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted or -1.")] = None,
+    strength: Annotated[Optional[float], typer.Option(help="Denoising strength in (0, 1] (default 0.6: the input's shape, colour and layout stay, details move; higher strays further).", show_default=False)] = None,
+    steps: Steps = None,
+    guidance: Guidance = None,
+    width: Width = None,
+    height: Height = None,
+    negative_prompt: NegativePrompt = None,
+    model: Model = None,
+    revision: Revision = None,
+    cache_dir: CacheDir = None,
+    scheduler: Scheduler = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1).")] = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    vae: Vae = None,
+    low_memory: LowMemory = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
+) -> None:
+    """Make new images like IMAGE; the prompt comes from its metadata, else --prompt, else none."""
+    from dallecli.cli.console import info
+    from dallecli.cli.running import run_local
+    from dallecli.config import default_output_dir, user_default
+    from dallecli.engine.request import GenerationRequest, validate_request
+    from dallecli.engine.schedulers import validate_scheduler
+    from dallecli.images import prepare_output_folder
+
+    found, found_negative = stored_prompt(image)
+    if found is not None:
+        info(f"prompt from {image.name}'s metadata: {found}" + (" (--prompt ignored)" if prompt else ""))
+    scheduler = scheduler or user_default("scheduler")
+    request = GenerationRequest(
+        prompt=found or prompt or "", negative_prompt=negative_prompt or (found_negative if found else None),
+        num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance, width=width, height=height,
+        scheduler=scheduler, batch_size=batch_size, task="variation", image=str(image), strength=strength,
+    )
+    validate_request(request)  # before any model loads
+    validate_scheduler(scheduler)
+    folder = prepare_output_folder(out or default_output_dir())
+    run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
+              vae=vae, low_memory=low_memory, revision=revision)
