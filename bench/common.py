@@ -22,7 +22,12 @@ def machine() -> str:
         pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    from dallecli.engine.device import cpu_flags
+
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile")
+    flags = ", ".join(f for f in wanted if f in cpu_flags()) or "none of avx2/avx512/amx"
+    return (f"{cpu}, {os.cpu_count()} cores, flags: {flags}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 def run_process(args: list[str], env: dict | None = None) -> float:

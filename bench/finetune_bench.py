@@ -32,7 +32,8 @@ def baseline(model: str | None, steps: int, batch_size: int, resolution: int | N
     from peft import LoraConfig
 
     from dallecli.engine.loading import default_size
-    from dallecli.training.dataset import image_tensor, load_rgb, resize_and_crop, scan_folder
+    from dallecli.engine.inputs import load_rgb
+    from dallecli.training.dataset import image_tensor, resize_and_crop, scan_folder
     from dallecli.training.finetune import UNET_TARGETS, load_components
 
     resolved, pipe = load_components(model)

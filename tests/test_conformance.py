@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_dalle
 from replicas import TOKEN
 
 from dallecli.store.registry import REGISTRY

@@ -124,13 +124,15 @@ def test_doctor_text_names_the_auto_choice_and_survives_a_broken_config(monkeypa
     import dallecli.doctor as doctor
 
     monkeypatch.setattr(doctor, "list_devices", lambda: [
-        {"name": "cpu", "kind": "cpu", "label": "x86_64", "threads": 2},
+        {"name": "cpu", "kind": "cpu", "label": "x86_64", "threads": 1,
+         "threads_reason": "2 physical core(s), 1.0 kept busy by other processes"},
         {"name": "cuda:0", "kind": "cuda", "label": "Test GPU", "memory_bytes": 24 * 1000**3,
          "free_memory_bytes": 20 * 1000**3, "capability": "8.9", "bf16": True}])
     path = write_config("not toml at all [\n")
     result = invoke("doctor")
     assert result.exit_code == 0
     assert "cuda:0: Test GPU, 24.0 GB VRAM (20.0 GB free), compute 8.9, bfloat16" in result.stdout
+    assert "cpu: x86_64, 1 threads (2 physical core(s), 1.0 kept busy by other processes)" in result.stdout
     assert "auto " in result.stdout and str(path) in result.stdout and "(invalid)" in result.stdout
     assert "not valid TOML" in result.stderr
 

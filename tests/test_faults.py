@@ -2,6 +2,7 @@
 left), and Ctrl-C in download and finetune (exit 130 through the one error translator)."""
 
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -121,17 +122,49 @@ def interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def test_ctrl_c_in_download_exits_130(monkeypatch):
+def test_ctrl_c_in_download_after_the_files_arrived_exits_130_and_a_rerun_finishes(replica_hub, tmp_path, monkeypatch):
+    """Ctrl-C inside the real download (the files fetched from the stand-in Hub, verification under way)."""
+    import huggingface_hub.constants
+
     import dallecli.store.download as store
 
-    monkeypatch.setattr(store, "plan_download", interrupt)
-    result = CliRunner().invoke(app, ["download", "org/model"])
-    assert result.exit_code == 130 and result.stderr.strip() == "interrupted"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", replica_hub.url)  # in-process: read at import
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        replica_hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    cache = tmp_path / "cache"
+    real_verify = store.verify_download
+    monkeypatch.setattr(store, "verify_download", interrupt)
+    result = CliRunner().invoke(app, ["download", "taesd", "--cache-dir", str(cache)])
+    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == "interrupted", result.stderr
+    assert list(cache.rglob("*.safetensors")), "the interrupt came before any file arrived"
+    monkeypatch.setattr(store, "verify_download", real_verify)
+    again = CliRunner().invoke(app, ["download", "taesd", "--cache-dir", str(cache)])
+    assert again.exit_code == 0, again.stderr
 
 
-def test_ctrl_c_in_finetune_exits_130(monkeypatch, tmp_path):
-    import dallecli.training.finetune as training
+def test_ctrl_c_in_finetune_mid_training_exits_130_and_resumes(tiny_pipeline, tmp_path, monkeypatch):
+    """Ctrl-C at step 3 of the real training loop: exit 130, the step-2 checkpoint kept, ``--resume`` goes on."""
+    from conftest import DATA
+    from dallecli.training.trainer import DenoiserTrainer
 
-    monkeypatch.setattr(training, "finetune", interrupt)
-    result = CliRunner().invoke(app, ["finetune", str(tmp_path), "--steps", "1"])
-    assert result.exit_code == 130 and result.stderr.strip() == "interrupted"
+    real_loss = DenoiserTrainer._loss
+
+    def loss_until_step_3(self, latents, ids):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_loss(self, latents, ids)
+
+    monkeypatch.setattr(DenoiserTrainer, "_loss", loss_until_step_3)
+    output = tmp_path / "lora"
+    args = ["finetune", str(DATA / "photos"), "--model", str(tiny_pipeline), "--output", str(output), "--steps", "4",
+            "--save-every", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130 and "interrupted" in result.stderr, result.stderr
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-0000002"]
+    monkeypatch.setattr(DenoiserTrainer, "_loss", real_loss)
+    resumed = CliRunner().invoke(app, [*args, "--resume", "--json"])
+    assert resumed.exit_code == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert (summary["resumed_from"], summary["steps"]) == (2, 4)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from conftest import run_dalle
 from dallecli.errors import DatasetError
-from dallecli.training.dataset import check_captions, load_rgb, resize_and_crop, scan_folder, to_rgb8
+from dallecli.engine.inputs import load_rgb, to_rgb8
+from dallecli.training.dataset import check_captions, resize_and_crop, scan_folder
 
 
 def _pixels(image) -> np.ndarray:

@@ -202,3 +202,18 @@ def test_two_cpu_processes_train_data_parallel(tiny_pipeline, tmp_path):
     assert summary["processes"] == 2 and summary["steps"] == 3
     assert (tmp_path / "ddp" / "lora.safetensors").exists()
     assert done.stderr.count("6/6 images captioned") == 1  # only the main process reports
+
+
+def test_lora_header_metadata_is_strings_and_is_built_before_training():
+    """safetensors headers hold strings only; a number must not fail the save after the training (issue 18, item 10)."""
+    import inspect
+
+    from dallecli.training import finetune
+
+    header = finetune.header_metadata(rank=4, alpha=4.0, learning_rate=1e-4, flag=True, revision=None, name="x")
+    assert header == {"rank": "4", "alpha": "4", "learning_rate": "0.0001", "flag": "true", "revision": "",
+                      "name": "x"}
+    with pytest.raises(TypeError, match="'bad' must be a string or a number, not list"):
+        finetune.header_metadata(bad=[1])
+    source = inspect.getsource(finetune)
+    assert source.index("metadata = header_metadata(") < source.index("result = trainer.run(")

@@ -97,11 +97,19 @@ def test_out_of_range_steps_and_guidance_are_usage_errors(field, value, message)
         validate_request(GenerationRequest("a cat", **{field: value}))
 
 
-@pytest.mark.parametrize("name", ["dpm++", "dpm++-karras", "euler", "euler-a"])
+@pytest.mark.parametrize("name", ["dpm++", "dpm++-karras", "euler", "euler-a", "unipc"])
 def test_scheduler_ends_on_sigma_zero_case_c22(tiny_pipeline, name):
+    """C22: DPM++ ending on sigma_min leaves noise in the image. A model's own config may ask for that
+    (``final_sigmas_type: sigma_min``, as configs saved by older diffusers do): our names must override it."""
     import json
 
     config = json.loads((tiny_pipeline / "scheduler" / "scheduler_config.json").read_text())
+    config["final_sigmas_type"] = "sigma_min"
+    from diffusers import DPMSolverMultistepScheduler
+
+    as_configured = DPMSolverMultistepScheduler.from_config(config)  # what the case looked like
+    as_configured.set_timesteps(8)
+    assert float(as_configured.sigmas[-1]) > 0.0
     scheduler = make_scheduler(name, config)
     scheduler.set_timesteps(8)
     assert float(scheduler.sigmas[-1]) == 0.0

@@ -118,15 +118,14 @@ def _orientation_6_jpeg(path):
 
 
 def test_exif_orientation_6_jpeg_is_used_upright(embedded, tmp_path):
-    from dallecli.engine.inputs import load_init_image
-    from dallecli.training.dataset import load_rgb
+    from dallecli.engine.inputs import load_init_image, load_rgb
 
     path = _orientation_6_jpeg(tmp_path / "phone.jpg")
     assert Image.open(path).size == (32, 64)
     loaded = load_init_image(path)
     assert loaded.size == (64, 32)
     assert psnr(loaded.rgb, _upright_scene()) > 30
-    assert np.array_equal(np.asarray(load_rgb(path)), np.asarray(loaded.rgb))  # the one loader training uses too
+    assert np.array_equal(np.asarray(load_rgb(path)), np.asarray(loaded.rgb))  # the loader training uses too
     result = next(embedded.generate(GenerationRequest("a red square", seed=0, image=str(path), strength=0.1)))
     assert result.image.size == (64, 32)
     pixels = np.asarray(result.image, dtype=float)

@@ -81,7 +81,6 @@ def test_scale_zero_gives_the_same_pixels_and_later_requests_unload(kohya_lora, 
     from dallecli.engine.generate import Engine
     from dallecli.engine.lora import loaded_adapters
     from dallecli.engine.request import GenerationRequest
-    from dallecli.errors import LoraError
 
     path, _ = kohya_lora
     engine = Engine(str(tiny_pipeline), "cpu", "float32")
@@ -95,7 +94,7 @@ def test_scale_zero_gives_the_same_pixels_and_later_requests_unload(kohya_lora, 
     assert not np.array_equal(pixels(LoraSpec(str(path), 1.0)), base)
     assert np.array_equal(pixels(), base) and loaded_adapters(engine.pipe) == []
     missing = tmp_path / "nope.safetensors"
-    with pytest.raises(LoraError, match="not found"):
+    with pytest.raises(UsageError, match="no such file"):
         pixels(LoraSpec(str(missing)))
     assert np.array_equal(pixels(), base)
 
@@ -257,7 +256,7 @@ def _cache_lora(cache: Path, source: Path, repo_id: str = "latent-consistency/lc
 
 
 def test_resolve_lora_by_path_or_registry_name(kohya_lora, tmp_path, monkeypatch):
-    from dallecli.errors import LoraError, ModelNotFoundError
+    from dallecli.errors import ModelNotFoundError
     from dallecli.store.resolve import resolve_lora
 
     cache = tmp_path / "cache"
@@ -268,7 +267,7 @@ def test_resolve_lora_by_path_or_registry_name(kohya_lora, tmp_path, monkeypatch
     assert resolve_lora("latent-consistency/lcm-lora-sdv1-5", cache) == (target, "lcm-lora-sdv1-5")
     with pytest.raises(UsageError, match="not a LoRA"):
         resolve_lora("taesd", cache)
-    with pytest.raises(LoraError, match="not found"):
+    with pytest.raises(UsageError, match="no such file"):
         resolve_lora("no-such-lora.safetensors", cache)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "lcm-lora-sdv1-5").write_bytes(kohya_lora[0].read_bytes())  # a path that exists wins

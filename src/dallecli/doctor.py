@@ -42,7 +42,11 @@ def list_devices() -> list[dict]:
     """
     import torch
 
-    found = [{"name": "cpu", "kind": "cpu", "label": platform.machine() or "cpu", "threads": torch.get_num_threads()}]
+    from dallecli.engine.threads import configure_threads
+
+    policy = configure_threads()  # what a generation in this process would use, and why
+    found = [{"name": "cpu", "kind": "cpu", "label": platform.machine() or "cpu", "threads": policy.threads,
+              "threads_reason": policy.reason}]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)

@@ -25,6 +25,10 @@ class UsageError(DalleError):
     exit_code = 2
 
 
+class TaskUnsupportedError(UsageError):
+    """A model that cannot run a task ("MODEL cannot do edit"): diffusers has no such pipeline for its family."""
+
+
 class DeviceUnavailableError(UsageError):
     """The requested ``--device`` does not exist on this machine."""
 
@@ -87,3 +91,7 @@ class DatasetError(UsageError):
 
 class DiskFullError(DalleError):
     """The disk filled up while writing an image or a checkpoint; nothing half-written is left behind."""
+
+
+class ServerError(DalleError):
+    """A ``dalle serve`` that cannot be reached (``dalle generate --server``), or that answered with an error."""

@@ -23,17 +23,36 @@ _NUMBERED = re.compile(r"^(\d{4,})-")
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, quota exceeded
 
 
-def default_mode(path: Path, directory: bool = False) -> None:
-    """Give a file made by ``tempfile`` (mode 0600/0700) the mode a plain ``open`` would: 0666/0777 less the
-    umask, so images and models are readable as users expect."""
+def _read_umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting it and back, which
+    is done once, here, at import (before any thread exists), never while threads (``dalle serve``) run."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def default_mode(path: Path, directory: bool = False) -> None:
+    """Give a file made by ``tempfile`` (mode 0600/0700) the mode a plain ``open`` would: 0666/0777 less the
+    umask (read once at import: flipping it per call races with other threads), so images and models are
+    readable as users expect."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 def prepare_output_folder(folder: Path, option: str = "--out") -> Path:
-    """Check, before any model loads, that ``folder`` is or can become a writable folder (nothing is left
-    created: a missing folder is made and removed again, which catches file systems that refuse it).
+    """Check, before any model loads, that ``folder`` is or can become a writable folder. Nothing is left
+    created, and ``folder`` itself is never touched: a private probe folder is made and removed in its nearest
+    existing parent (which catches file systems that refuse mkdir), so processes started together on the same
+    new folder cannot remove it under one another.
 
     Raises:
         UsageError: it is a file, its nearest existing parent is a file or not writable, or it cannot be created.
@@ -49,13 +68,9 @@ def prepare_output_folder(folder: Path, option: str = "--out") -> Path:
         raise UsageError(f"{option} {folder} is not writable")
     if not folder.exists():  # some file systems (/proc, /sys) pass the access check and refuse mkdir
         try:
-            folder.mkdir(parents=True)
+            os.rmdir(tempfile.mkdtemp(prefix=".dalle-probe-", dir=existing))
         except OSError as exc:
             raise UsageError(f"{option} {folder} cannot be created: {exc.strerror or exc}") from None
-        created = folder
-        while created != existing:  # leave nothing behind: the run creates it when it writes
-            created.rmdir()
-            created = created.parent
     return folder
 
 
@@ -105,6 +120,8 @@ def a1111_parameters(settings: dict, sampler: str) -> str:
     ]
     if settings.get("clip_skip") and settings["clip_skip"] > 1:
         fields.append(f"Clip skip: {settings['clip_skip']}")
+    if settings.get("strength") is not None:  # an img2img or inpainting image, as A1111 writes it
+        fields.append(f"Denoising strength: {settings['strength']:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -152,6 +169,38 @@ def write_png(image, folder: Path, settings: dict, sampler: str, index: int | No
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(settings, sampler))
     info.add_text("dalle", json.dumps(settings, ensure_ascii=False))
+    return _place(lambda handle: image.save(handle, format="PNG", pnginfo=info), folder, settings, index)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_png_bytes(data: bytes, folder: Path, settings: dict, index: int | None = None) -> Path:
+    """Write a PNG file's bytes as they are (they already carry their metadata chunks: an image made by
+    ``dalle serve`` for ``dalle generate --server``) under the name :func:`write_png` gives ``settings``,
+    atomically, never overwriting a file.
+
+    Args:
+        data: the bytes of a PNG file.
+        folder: the output folder (created).
+        settings: the image's settings dict (its ``seed`` and ``prompt`` make the name).
+        index: the number to start from; default: one more than the highest in ``folder``.
+
+    Returns:
+        The path written, directly inside ``folder``.
+
+    Raises:
+        UsageError: ``data`` is not a PNG file, or no free file name in ``folder``.
+        DiskFullError: no space left (or quota exceeded); nothing is left.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        raise UsageError("the image received is not a PNG file")
+    return _place(lambda handle: handle.write(data), folder, settings, index)
+
+
+def _place(fill, folder: Path, settings: dict, index: int | None) -> Path:
+    """Write a temporary file in ``folder`` with ``fill(handle)`` and link it to its final name (see
+    :func:`write_png`)."""
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -159,7 +208,7 @@ def write_png(image, folder: Path, settings: dict, sampler: str, index: int | No
         tmp = Path(tmp_name)
         default_mode(tmp)
         with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
+            fill(handle)
             handle.flush()
             os.fsync(handle.fileno())
         start = next_index(folder) if index is None else index
@@ -190,7 +239,8 @@ def parse_a1111(text: str) -> dict:
     result: dict = {"prompt": "\n".join(prompt_lines).strip(), "negative_prompt": negative}
     fields = dict(re.findall(r"\s*([\w ]+):\s*([^,]+)", fields_line))
     converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-                  "Sampler": ("sampler", str), "Model": ("model", str), "Clip skip": ("clip_skip", int)}
+                  "Sampler": ("sampler", str), "Model": ("model", str), "Clip skip": ("clip_skip", int),
+                  "Denoising strength": ("strength", float)}
     for key, (name, convert) in converters.items():
         if key in fields:
             try:
@@ -202,6 +252,32 @@ def parse_a1111(text: str) -> dict:
         if width.isdigit() and height.isdigit():
             result["width"], result["height"] = int(width), int(height)
     return result
+
+
+# The type of each setting that ``--from`` feeds back into a request; a file from anyone may hold anything.
+_SETTING_TYPES = {"prompt": str, "negative_prompt": str, "model": str, "model_revision": str, "scheduler": str,
+                  "sampler": str, "dtype": str, "vae": str, "seed": int, "steps": int, "width": int, "height": int,
+                  "clip_skip": int, "guidance_scale": (int, float), "loras": list, "task": str,
+                  "strength": (int, float), "init_image": dict, "mask": dict}
+
+
+def _checked_settings(stored, path: Path) -> dict:
+    """``stored`` if it is a JSON object whose known settings have their types (None allowed).
+
+    Raises:
+        UsageError: not an object, or a setting of the wrong type (named, with its value shortened).
+    """
+    if not isinstance(stored, dict):
+        raise UsageError(f"{path} has a damaged dalle metadata chunk (a JSON {type(stored).__name__}, not an object)")
+    for key, expected in _SETTING_TYPES.items():
+        value = stored.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise UsageError(f"{path} has a damaged dalle metadata chunk: {key} is {shown}")
+    if any(not isinstance(entry, dict) for entry in stored.get("loras") or []):
+        raise UsageError(f"{path} has a damaged dalle metadata chunk: loras holds a non-object")
+    return stored
 
 
 def read_metadata(path: Path) -> dict:
@@ -222,9 +298,22 @@ def read_metadata(path: Path) -> dict:
         raise UsageError(f"{path} is not a readable image ({exc})") from exc
     if "dalle" in text:
         try:
-            return {"source": "dalle", **json.loads(text["dalle"])}
+            stored = json.loads(text["dalle"])
         except ValueError as exc:
             raise UsageError(f"{path} has a damaged dalle metadata chunk") from exc
+        return {"source": "dalle", **_checked_settings(stored, path)}
     if "parameters" in text:
         return {"source": "a1111", **parse_a1111(str(text["parameters"]))}
     raise UsageError(f"{path} carries no generation parameters")
+
+
+def stored_prompt(image) -> tuple[str | None, str | None]:
+    """(prompt, negative prompt) from an image's own metadata (dalle's or AUTOMATIC1111's), or (None, None) when
+    it carries none; ``image`` is a path or a binary file object (an upload). An unreadable file is left to the
+    engine to report."""
+    try:
+        stored = read_metadata(image)
+    except UsageError:
+        return None, None
+    prompt = stored.get("prompt")
+    return (prompt if isinstance(prompt, str) and prompt.strip() else None), stored.get("negative_prompt") or None

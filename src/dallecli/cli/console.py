@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from functools import lru_cache
 
@@ -15,25 +16,40 @@ def err():
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# Control characters (C0 but newline and tab, DEL, C1) and bidirectional overrides: text read from files and
+# prompts (an image's metadata, a prompt file) must not recolour the terminal, set its title or reorder a line.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``, ``\\u202e``) so that printing it cannot
+    drive the terminal; newlines and tabs are kept."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def warn(message: str) -> None:
-    """One warning line on stderr."""
-    err().print(f"[yellow]warning:[/yellow] {message}", markup=True)
+    """One warning line on stderr (control characters escaped)."""
+    from rich.text import Text
+
+    err().print(Text("warning: ", style="yellow") + Text(printable(message)))
 
 
 def info(message: str) -> None:
-    """One informational line on stderr."""
-    err().print(message, markup=False)
+    """One informational line on stderr (control characters escaped)."""
+    err().print(printable(message), markup=False)
 
 
 def out(line: str) -> None:
-    """One line of data on stdout."""
-    sys.stdout.write(line + "\n")
+    """One line of data on stdout (control characters escaped)."""
+    sys.stdout.write(printable(line) + "\n")
     sys.stdout.flush()
 
 
 def out_json(document) -> None:
-    """A JSON document on stdout."""
-    sys.stdout.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+    """A JSON document on stdout: exact (it decodes to ``document``), with C1 controls and bidi overrides written
+    as ``\\uXXXX`` escapes, which ``ensure_ascii=False`` would leave raw (JSON already escapes C0)."""
+    text = json.dumps(document, ensure_ascii=False, indent=2)
+    sys.stdout.write(_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n")
     sys.stdout.flush()
 
 

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
-                                  Scheduler, Steps, Strength, Vae, Width)
+from dallecli.cli.options import (BatchSize, CacheDir, Device, Dtype, Guidance, Height, JsonOutput, LowMemory, Model,
+                                  NegativePrompt, NumImages, OutFolder, Revision, Scheduler, Seed, Steps, Strength, Vae,
+                                  Width)
 
 
 @handles_errors
@@ -17,8 +18,8 @@ def edit(
     image: Annotated[Path, typer.Argument(help="The image to edit (PNG, JPEG, WebP, ...).", show_default=False)],
     prompt: Annotated[str, typer.Argument(help="What to paint in the masked area.", show_default=False)],
     mask: Annotated[Optional[Path], typer.Option(help="White = repaint, black = keep (transparent = repaint in a mask with alpha); the image's size. Default: the image's own transparent pixels.", show_default=False)] = None,
-    num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted or -1.")] = None,
+    num_images: NumImages = 1,
+    seed: Seed = None,
     strength: Strength = None,
     steps: Steps = None,
     guidance: Guidance = None,
@@ -29,13 +30,13 @@ def edit(
     revision: Revision = None,
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1).")] = None,
+    out: OutFolder = None,
+    batch_size: BatchSize = None,
     device: Device = None,
     dtype: Dtype = None,
     vae: Vae = None,
     low_memory: LowMemory = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Repaint the masked area of an image from a prompt (strength 1 by default); unmasked pixels are kept exactly."""
     from dallecli.cli.running import run_local

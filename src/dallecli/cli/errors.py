@@ -51,37 +51,37 @@ def handles_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from dallecli.cli.console import err
+        from dallecli.cli.console import info
 
         try:
             return command(*args, **kwargs)
         except DalleError as exc:
             if debug_enabled():
                 raise
-            err().print(f"error: {exc}", markup=False)
+            info(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except Exception as exc:  # noqa: BLE001 - only known library errors are translated; the rest re-raise
             if debug_enabled():
                 raise
             known = library_error(exc)
             if known is not None:
-                err().print(f"error: {known[1]}", markup=False)
+                info(f"error: {known[1]}")
                 raise typer.Exit(known[0]) from None
             if isinstance(exc, OSError):  # the file system refused something the checks could not foresee
                 where = f": {exc.filename}" if exc.filename else ""
-                err().print(f"error: {exc.strerror or exc}{where}", markup=False)
+                info(f"error: {exc.strerror or exc}{where}")
                 raise typer.Exit(1) from None
             if type(exc).__module__.startswith(("click", "typer")):  # Exit, Abort, usage errors: Typer handles them
                 raise
             # a fault of dalle or a library that no check foresaw: one line, the traceback on request
             first = first_line(exc, "")
-            err().print(f"error: unexpected {type(exc).__name__}{': ' + first if first else ''} (run again with "
-                        "DALLE_DEBUG=1 for the traceback, and please report it)", markup=False)
+            info(f"error: unexpected {type(exc).__name__}{': ' + first if first else ''} (run again with "
+                        "DALLE_DEBUG=1 for the traceback, and please report it)")
             raise typer.Exit(1) from None
         except KeyboardInterrupt as exc:
             if debug_enabled():
                 raise
-            err().print(str(exc) if isinstance(exc, Interrupted) else "interrupted", markup=False)
+            info(str(exc) if isinstance(exc, Interrupted) else "interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (CacheDir, ClipSkip, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt,
-                                  Revision, Scheduler, Steps, Strength, Vae, Width)
+from dallecli.cli.options import (BatchSize, CacheDir, ClipSkip, Device, Dtype, Guidance, Height, JsonOutput, LowMemory,
+                                  Model, NegativePrompt, NumImages, OutFolder, Revision, Scheduler, Seed, Steps,
+                                  Strength, Vae, Width)
 
 
 def _from_image(path: Path) -> dict:
@@ -21,8 +22,8 @@ def _from_image(path: Path) -> dict:
 @handles_errors
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
-    num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted or -1.")] = None,
+    num_images: NumImages = 1,
+    seed: Seed = None,
     steps: Steps = None,
     guidance: Guidance = None,
     width: Width = None,
@@ -33,13 +34,13 @@ def generate(
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
     clip_skip: ClipSkip = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1: any image reproducible alone, bit for bit); larger is faster, pixels may move by 1 level.")] = None,
+    out: OutFolder = None,
+    batch_size: BatchSize = None,
     device: Device = None,
     dtype: Dtype = None,
     vae: Vae = None,
     low_memory: LowMemory = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
+    json_output: JsonOutput = False,
     from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA to apply, PATH[:SCALE] or a registry LoRA NAME[:SCALE] after `dalle download NAME` (scale 1 by default); repeatable.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="Init image: image to image from it (its size, rounded to multiples of 8, unless --width/--height).", show_default=False)] = None,

@@ -22,3 +22,10 @@ Vae = Annotated[Optional[str], typer.Option(help="Decoder: full (the model's), t
 ClipSkip = Annotated[Optional[int], typer.Option(help="CLIP layers to skip, AUTOMATIC1111 numbering: 1 = none, 2 = use the penultimate layer (SD 1.x/2.x, SDXL, SD 3).", show_default=False)]
 LowMemory = Annotated[Optional[bool], typer.Option("--low-memory/--no-low-memory", help="VAE tiling for big images, CPU offload on CUDA, attention slicing on MPS (default: on when free memory is short).", show_default=False)]
 Strength = Annotated[Optional[float], typer.Option(help="Denoising strength in (0, 1]: the share of the steps run on the noised init image (int(steps x strength) steps); low keeps the input, 1 redraws it.", show_default=False)]
+
+# shared by generate, edit and variations
+NumImages = Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted or -1.")]
+OutFolder = Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass (default 1: any image reproducible alone, bit for bit); larger is faster, pixels may move by 1 level.")]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")]

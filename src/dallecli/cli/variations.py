@@ -8,17 +8,17 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (CacheDir, Device, Dtype, Guidance, Height, LowMemory, Model, NegativePrompt, Revision,
-                                  Scheduler, Steps, Vae, Width)
+from dallecli.cli.options import (BatchSize, CacheDir, Device, Dtype, Guidance, Height, JsonOutput, LowMemory, Model,
+                                  NegativePrompt, NumImages, OutFolder, Revision, Scheduler, Seed, Steps, Vae, Width)
 from dallecli.images import stored_prompt
 
 
 @handles_errors
 def variations(
     image: Annotated[Path, typer.Argument(help="The image to make variations of.", show_default=False)],
-    num_images: Annotated[int, typer.Option("-n", "--num-images", help="Number of images.")] = 1,
+    num_images: NumImages = 1,
     prompt: Annotated[Optional[str], typer.Option(help="Prompt when the image's metadata holds none (default: empty).", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image; image i gets seed+i. Random if omitted or -1.")] = None,
+    seed: Seed = None,
     strength: Annotated[Optional[float], typer.Option(help="Denoising strength in (0, 1] (default 0.6: the input's shape, colour and layout stay, details move; higher strays further).", show_default=False)] = None,
     steps: Steps = None,
     guidance: Guidance = None,
@@ -29,13 +29,13 @@ def variations(
     revision: Revision = None,
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./dalle-out or $DALLE_OUTPUT_DIR).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per forward pass (default 1).")] = None,
+    out: OutFolder = None,
+    batch_size: BatchSize = None,
     device: Device = None,
     dtype: Dtype = None,
     vae: Vae = None,
     low_memory: LowMemory = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of paths.")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Make new images like IMAGE; the prompt comes from its metadata, else --prompt, else none."""
     from dallecli.cli.console import info

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dallecli.engine.weights import verify_folder
 from dallecli.store.download import SKIPPED_COMPONENTS, variant_of
-from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError, first_line
+from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError, UsageError, first_line
 
 _CACHE: dict[tuple, object] = {}
 
@@ -202,6 +202,43 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "
     return pipe
 
 
+def _config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def check_vae_fits(model_folder: Path, vae_folder: Path, vae_name: str, *, model_family: str | None = None,
+                   vae_family: str | None = None) -> None:
+    """Refuse, from configs alone, a ``--vae`` made for another latent space than the model's own VAE: other
+    latent channels (SD's 4 against SD 3/FLUX's 16), another ``scaling_factor`` between two AutoencoderKL (SD
+    0.18215 against SDXL 0.13025: a public report of washed-out images), or a registry VAE of another family.
+
+    Args:
+        model_folder: the pipeline folder (its ``vae/config.json`` is the reference; absent for single files).
+        vae_folder: the replacement VAE's folder (``config.json``).
+        vae_name: what the user typed, for the message.
+        model_family, vae_family: registry families when known ("stable-diffusion", "sdxl", ...).
+
+    Raises:
+        UsageError: naming both values.
+    """
+    vae = _config(vae_folder / "config.json")
+    own = _config(model_folder / "vae" / "config.json") if model_folder.is_dir() else {}
+    if model_family and vae_family and model_family != vae_family:
+        raise UsageError(f"--vae {vae_name} is made for {vae_family} models; this model is {model_family}")
+    channels = (vae.get("latent_channels"), own.get("latent_channels"))
+    if None not in channels and channels[0] != channels[1]:
+        raise UsageError(f"--vae {vae_name} works on {channels[0]}-channel latents; this model's are "
+                         f"{channels[1]}-channel (a VAE for another model family)")
+    if vae.get("_class_name") == own.get("_class_name") == "AutoencoderKL":
+        scales = (vae.get("scaling_factor", 0.18215), own.get("scaling_factor", 0.18215))
+        if abs(scales[0] - scales[1]) > 1e-6:
+            raise UsageError(f"--vae {vae_name} scales latents by {scales[0]:g}, this model's VAE by {scales[1]:g}: "
+                             "a VAE for another model family (images would come out washed out or noisy)")
+
+
 def load_vae(folder: Path, device: str, dtype: str):
     """Load (or reuse) the VAE in ``folder`` (``config.json`` + safetensors: ``AutoencoderTiny`` or
     ``AutoencoderKL``) on ``device`` in ``dtype``; cached like :func:`load_pipeline`.
@@ -258,3 +295,13 @@ def with_vae(pipe, vae, key: str):
 def clear_cache() -> None:
     """Forget every loaded pipeline (tests, or to free memory)."""
     _CACHE.clear()
+
+
+def forget(folder: Path) -> None:
+    """Drop the pipelines loaded from ``folder`` (any device, dtype or variant) and those derived from them
+    (:func:`with_vae`) from the cache, so that their memory is freed once no one else holds them (``dalle serve``
+    unloading an idle model)."""
+    name = str(Path(folder).resolve())
+    dropped = {id(_CACHE.pop(key)) for key in [k for k in _CACHE if k[0] == name]}
+    for key in [k for k in _CACHE if k[0] == "with-vae" and k[1] in dropped]:
+        _CACHE.pop(key, None)

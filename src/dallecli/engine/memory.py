@@ -1,9 +1,15 @@
 """Low-memory mode: when to use it (a pure decision) and what it changes in a loaded pipeline.
 
-``--low-memory`` trades speed for memory: attention is computed in slices (no full attention matrix), the VAE
-decodes large images in tiles, and on CUDA each model sits in CPU memory until its turn (model CPU offload).
-Without the flag the engine turns it on by itself when the estimate of what a pass needs exceeds the free
-memory; the CLI says so on stderr.
+``--low-memory`` trades speed for memory: the VAE decodes large images in tiles, and on CUDA each model sits in
+CPU memory until its turn (model CPU offload). Without the flag the engine turns it on by itself when the
+estimate of what a pass needs exceeds the free memory; the CLI says so on stderr.
+
+Attention slicing is left out on the CPU and CUDA: diffusers' sliced processor replaces PyTorch's
+``scaled_dot_product_attention``, whose kernels already never hold the full attention matrix, with one that
+does, slice by slice. Measured on the CPU (peak memory above the loaded model, one image; BENCHMARKS.md): the
+embedded model at 1024x1024, 4.44 GB and 323 s sliced against 0.71 GB and 70 s without; the SD-Turbo
+architecture at 1024x1024, 4.92 GB and 182 s against 4.57 GB and 142 s. It stays for MPS, where diffusers
+recommends it for machines with little unified memory.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ class MemoryChoice:
 
 
 def estimate_bytes(weight_bytes_fp32: int, dtype: str, width: int, height: int, images: int,
-                   guidance: bool) -> int:
+                   guidance: bool, scale: float = 1.0) -> int:
     """A rough upper estimate of the memory one pass needs, bytes: weights in ``dtype`` plus activations.
 
     Args:
@@ -45,16 +51,68 @@ def estimate_bytes(weight_bytes_fp32: int, dtype: str, width: int, height: int, 
         width, height: image size, pixels.
         images: images in the pass (batch size).
         guidance: classifier-free guidance on (doubles the UNet batch).
+        scale: the model's activations against SD's (:func:`activation_scale`).
     """
     width_factor = DTYPE_BYTES.get(dtype, 4) / 4
     weights = weight_bytes_fp32 * width_factor
-    activations = ACTIVATION_BYTES_512 * (width * height) / 512**2 * images * (2 if guidance else 1) * width_factor
-    return int(weights + activations)
+    return int(weights + _activations(dtype, width, height, images, guidance, scale))
+
+
+def _activations(dtype: str, width: int, height: int, images: int, guidance: bool, scale: float) -> float:
+    width_factor = DTYPE_BYTES.get(dtype, 4) / 4
+    return ACTIVATION_BYTES_512 * (width * height) / 512**2 * images * (2 if guidance else 1) * width_factor * scale
+
+
+# The share of a pass's activations in the VAE decoder (full-resolution feature maps), which VAE tiling bounds;
+# measured on the SD-Turbo architecture at 1024x1024: 4.6 GB above the loaded model, of it about 1 GB the UNet's.
+VAE_SHARE = 0.75
+
+
+def activation_scale(model_folder) -> float:
+    """How a model's activations compare with SD's, from its UNet's first block width (SD: 320; the embedded
+    model: 32): 1.0 for transformers and anything unread. Measured: the embedded model at 1024x1024 needs 0.71 GB
+    above its weights; the SD-sized estimate said 12.9 GB, scaled 1.3 GB."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(model_folder) / "unet" / "config.json").read_text(encoding="utf-8"))
+        return min(1.0, max(0.05, float(config["block_out_channels"][0]) / 320))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 1.0
+
+
+def low_memory_floor_bytes(weight_bytes_fp32: int, dtype: str, width: int, height: int, images: int,
+                           guidance: bool, scale: float = 1.0) -> int:
+    """What a pass needs at least with every low-memory technique on, bytes: the weights, the UNet's activations,
+    and, with VAE tiling (above :data:`TILING_MIN_PIXELS`), one 512x512 tile's decoder instead of the image's."""
+    weights = weight_bytes_fp32 * DTYPE_BYTES.get(dtype, 4) / 4
+    full = _activations(dtype, width, height, images, guidance, scale)
+    if width * height <= TILING_MIN_PIXELS:
+        return int(weights + full)
+    tile = _activations(dtype, 512, 512, 1, False, scale) * VAE_SHARE
+    return int(weights + full * (1 - VAE_SHARE) + tile)
+
+
+def check_feasible(floor: int, available: int | None, device: str, width: int, height: int, images: int) -> None:
+    """Refuse a pass that even low-memory mode cannot fit: its floor (:func:`low_memory_floor_bytes`) above the free
+    memory. (Without the refusal such a pass computes for minutes, then runs out of memory.)
+
+    Raises:
+        OutOfMemoryError: with the figures (exit 3), before the model loads.
+    """
+    if available is None or floor <= available:
+        return
+    from dallecli.errors import OutOfMemoryError
+
+    raise OutOfMemoryError(f"{images} image(s) of {width}x{height} need about {floor / 1000**3:.1f} GB even in "
+                           f"low-memory mode and {available / 1000**3:.1f} GB is free on {device}; nothing was "
+                           "started. Lower the size (--width/--height) or -n/--batch-size")
 
 
 def techniques_for(device: str, width: int, height: int) -> tuple[str, ...]:
     """What low-memory mode switches on for this device and image size."""
-    chosen = ["attention slicing"]
+    chosen = ["attention slicing"] if device.startswith("mps") else []
     if width * height > TILING_MIN_PIXELS:
         chosen.append("VAE tiling")
     if device.startswith("cuda"):
@@ -105,6 +163,17 @@ def available_bytes(device: str, meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
+def _tiling_fits(vae) -> bool:
+    """Whether diffusers' tiled decode works for ``vae``: ``AutoencoderTiny`` tiles assume an 8x decoder
+    (``spatial_scale_factor = 2**out_channels``), so a tiny VAE that upsamples otherwise (the embedded model's
+    decodes 4x) fails at the first tile seam; it is decoded whole instead."""
+    if type(vae).__name__ != "AutoencoderTiny":
+        return True
+    config = vae.config
+    actual = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
+    return actual == getattr(vae, "spatial_scale_factor", actual)
+
+
 def apply_memory_mode(pipe, choice: MemoryChoice) -> None:
     """Switch attention slicing and VAE tiling on or off in ``pipe`` to match ``choice`` (cheap when nothing
     changes: the state is remembered on the pipeline). Model CPU offload is set at load time."""
@@ -115,6 +184,6 @@ def apply_memory_mode(pipe, choice: MemoryChoice) -> None:
     if hasattr(pipe, "enable_attention_slicing"):
         pipe.enable_attention_slicing("auto") if slicing else pipe.disable_attention_slicing()
     vae = getattr(pipe, "vae", None)
-    if vae is not None and hasattr(vae, "enable_tiling"):
+    if vae is not None and hasattr(vae, "enable_tiling") and _tiling_fits(vae):
         vae.enable_tiling() if tiling else vae.disable_tiling()
     pipe._dalle_memory_state = state

@@ -11,16 +11,17 @@ from dallecli.errors import UsageError, first_line
 
 # name -> (diffusers class, config overrides, AUTOMATIC1111 sampler name)
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
-    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    # final_sigmas_type="zero": the last step lands on a clean image, not on sigma_min noise (a model's own
+    # config saved by an older diffusers may say "sigma_min"; our names override it)
+    "euler": ("EulerDiscreteScheduler", {"final_sigmas_type": "zero"}, "Euler"),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    # final_sigmas_type="zero": the last step lands on a clean image, not on sigma_min noise
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
                                               "use_karras_sigmas": False}, "DPM++ 2M"),
     "dpm++-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
                                                      "use_karras_sigmas": True}, "DPM++ 2M Karras"),
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "ddpm": ("DDPMScheduler", {}, "DDPM"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "unipc": ("UniPCMultistepScheduler", {"final_sigmas_type": "zero"}, "UniPC"),
     # Latent Consistency Models (arXiv 2310.04378): 2-8 steps with an LCM-distilled model or LCM-LoRA, guidance ~1
     "lcm": ("LCMScheduler", {}, "LCM"),
 }
@@ -102,6 +103,37 @@ def make_scheduler(name: str, base_config):
     except (TypeError, ValueError, NotImplementedError) as exc:  # a scheduler for another kind of model
         raise UsageError(f"--scheduler {name} cannot be built from this model's scheduler settings "
                          f"({first_line(exc)})") from None
+
+
+def check_scheduler(name: str | None, base_config: dict, steps: int) -> None:
+    """Check, from the model's scheduler config alone (no weights loaded), that ``--scheduler name`` can be
+    built for it and plans ``steps`` distinct timesteps.
+
+    Karras sigmas on a cosine (``squaredcos_cap_v2``) schedule plan the same timestep many times over (its
+    largest sigma is huge, so the spacing piles up at the top: 25 steps give 14 distinct timesteps), which
+    diffusers' multistep solvers do not survive (public report); it is refused here as the zero-terminal-SNR
+    case is in :func:`make_scheduler`.
+
+    Raises:
+        UsageError: the scheduler does not fit the model (see :func:`make_scheduler`), cannot plan ``steps``
+            (:func:`check_steps`), or would repeat timesteps.
+    """
+    if name in (None, "default"):
+        return
+    scheduler = make_scheduler(name, base_config)
+    check_steps(scheduler, steps)
+    import copy
+
+    sigma_spacing = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+    if not any(scheduler.config.get(key) for key in sigma_spacing):
+        return  # PNDM repeats timesteps by design (its warm-up): only respaced sigmas can collapse
+    planned = copy.deepcopy(scheduler)
+    planned.set_timesteps(steps)
+    timesteps = [float(t) for t in planned.timesteps]
+    if len(set(timesteps)) < len(timesteps):
+        instead = name.removesuffix("-karras") if name.endswith("-karras") else "another --scheduler"
+        raise UsageError(f"--scheduler {name} plans only {len(set(timesteps))} distinct timesteps of {steps} on this "
+                         f"model's {base_config.get('beta_schedule', '')} noise schedule; use {instead}")
 
 
 def check_steps(scheduler, steps: int) -> None:

@@ -24,7 +24,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile

@@ -1,18 +1,66 @@
-"""CPU thread policy: one compute thread per physical core, shared out among the processes on the machine.
+"""CPU thread policy: one compute thread per physical core that other processes leave free.
 
-Hyper-threads share a core's vector units, so a second thread per core adds contention, not FLOPs; and N
-processes each using every core (``dalle batch --shard I/N`` run N times on one machine) oversubscribe the
-CPU N-fold. :func:`threads_per_process` is the pure policy; :func:`configure_threads` applies it once per
-process (the batch code calls it with the number of local shards; the engine calls it with the default).
-An explicit ``OMP_NUM_THREADS`` or ``DALLE_THREADS`` always wins.
+Hyper-threads share a core's vector units, so a second thread per core adds contention, not FLOPs. And a
+thread that the scheduler takes away stalls all the others at the next OpenMP barrier: on a 2-core machine
+with one busy process beside it, two threads made a 64x64 image 4-40x slower than one (BENCHMARKS.md,
+threads). So the cores other processes keep busy are measured (:func:`busy_elsewhere`, from /proc/stat over
+the seconds of start-up before the model loads, which :func:`mark_start` opens) and left to them; processes
+of one job started together (``dalle batch --shard`` run N times, torchrun) measure one another the same way,
+and torchrun's ``LOCAL_WORLD_SIZE`` splits the cores too. :func:`choose_threads` is the pure policy;
+:func:`configure_threads` applies it once per process. An explicit ``DALLE_THREADS`` or ``OMP_NUM_THREADS``
+always wins.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
+from dallecli.errors import UsageError
+
 _APPLIED: ThreadChoice | None = None
+_START: CpuSnapshot | None = None
+MIN_WINDOW_S = 0.3  # a shorter window is sampled for this long instead (a library user calling in directly)
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """Wall clock (s), CPU-seconds busy on the whole machine (all CPUs), and CPU-seconds of this process."""
+
+    wall: float
+    machine_busy: float
+    own: float
+
+
+def cpu_snapshot(stat: str = "/proc/stat") -> CpuSnapshot | None:
+    """Read the machine's busy CPU time (user+nice+system+irq+softirq+steal of /proc/stat's ``cpu`` line) and
+    this process's; None where /proc/stat does not exist (not Linux)."""
+    try:
+        with open(stat, encoding="ascii") as handle:
+            fields = handle.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    busy = ticks[0] + ticks[1] + ticks[2] + sum(ticks[5:8])  # user nice system (idle iowait) irq softirq steal
+    own = os.times()
+    return CpuSnapshot(time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system)
+
+
+def mark_start() -> None:
+    """Open the measuring window at process start (the CLI calls it before importing torch)."""
+    global _START
+    _START = cpu_snapshot()
+
+
+def busy_elsewhere(start: CpuSnapshot | None, end: CpuSnapshot | None) -> float | None:
+    """Cores other processes kept busy between two snapshots, on average (0 when idle; None if unknown)."""
+    if start is None or end is None or end.wall - start.wall <= 0:
+        return None
+    others = (end.machine_busy - start.machine_busy) - (end.own - start.own)
+    return max(0.0, others / (end.wall - start.wall))
 
 
 @dataclass(frozen=True)
@@ -60,15 +108,39 @@ def local_process_count(env: dict | None = None) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
-def choose_threads(physical: int, processes: int, env: dict | None = None) -> ThreadChoice:
-    """The thread count to use (pure): ``DALLE_THREADS``, then ``OMP_NUM_THREADS``, then the core share."""
+def choose_threads(physical: int, processes: int, env: dict | None = None, *, busy: float | None = None,
+                   logical: int | None = None) -> ThreadChoice:
+    """The thread count to use (pure): ``DALLE_THREADS``, then ``OMP_NUM_THREADS``, then the share of the
+    physical cores that the ``processes`` of this job on the machine have, less what other processes use.
+
+    Args:
+        physical: physical cores this process may run on.
+        processes: processes of this job on this machine (``LOCAL_WORLD_SIZE``).
+        env: the environment (default ``os.environ``).
+        busy: cores other processes kept busy lately (:func:`busy_elsewhere`); None: not measured.
+        logical: logical CPUs this process may run on (default ``physical``): ``busy`` is in logical CPUs.
+
+    Raises:
+        UsageError: ``DALLE_THREADS`` is set but not a whole number >= 1 (``OMP_NUM_THREADS``, which other
+            libraries read too and may hold a list, is only used when it is one).
+    """
     env = os.environ if env is None else env
+    ours = env.get("DALLE_THREADS", "").strip()
+    if ours and not (ours.isdigit() and int(ours) > 0):
+        raise UsageError(f"DALLE_THREADS={ours!r}: give a whole number of threads, at least 1 (or unset it)")
     for name in ("DALLE_THREADS", "OMP_NUM_THREADS"):
         value = env.get(name, "").strip()
         if value.isdigit() and int(value) > 0:
             return ThreadChoice(int(value), f"{name}={value}")
     threads = threads_per_process(physical, processes)
     share = f", shared by {processes} local processes" if processes > 1 else ""
+    if busy is not None and busy >= 0.5:
+        logical = logical or physical
+        free = physical * max(0.0, 1 - busy / logical)  # the physical cores other processes leave free
+        fewer = max(1, min(threads, round(free)))
+        if fewer < threads:
+            # a thread that waits for a core another process holds stalls the others at every barrier
+            return ThreadChoice(fewer, f"{physical} physical core(s){share}, {busy:.1f} kept busy by other processes")
     return ThreadChoice(threads, f"{physical} physical core(s){share}")
 
 
@@ -88,7 +160,17 @@ def configure_threads(processes: int | None = None, *, force: bool = False) -> T
         return _APPLIED
     import torch
 
-    choice = choose_threads(physical_cores(), processes or local_process_count())
+    start = _START
+    if start is None or time.monotonic() - start.wall < MIN_WINDOW_S:  # no start-up window to read: sample one
+        start = start or cpu_snapshot()
+        if start is not None:
+            time.sleep(max(0.0, MIN_WINDOW_S - (time.monotonic() - start.wall)))
+    try:
+        logical = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        logical = os.cpu_count() or 1
+    choice = choose_threads(physical_cores(), processes or local_process_count(),
+                            busy=busy_elsewhere(start, cpu_snapshot()), logical=logical)
     if torch.get_num_threads() != choice.threads:
         torch.set_num_threads(choice.threads)
     _APPLIED = choice

@@ -36,6 +36,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
+from dallecli.engine.request import nearest_multiples
 from dallecli.serve.auth import file_signature
 from dallecli.serve.config import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SIDE
 from dallecli.serve.errors import bad_request, parse_json
@@ -46,8 +47,9 @@ router = APIRouter()
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX×]\s*(\d{1,6})\s*$")
 
 
-class ImageGenerationRequest(BaseModel):
-    """The body of ``POST /v1/images/generations`` (unknown fields are kept, to be named in the log)."""
+class _ImageFields(BaseModel):
+    """What every image route takes: OpenAI's fields and our extras (unknown fields are kept, to be named in the
+    log)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -63,6 +65,11 @@ class ImageGenerationRequest(BaseModel):
     negative_prompt: Optional[str] = None
     scheduler: Optional[str] = None
     batch_size: Optional[int] = None
+
+
+class ImageGenerationRequest(_ImageFields):
+    """The body of ``POST /v1/images/generations``."""
+
     clip_skip: Optional[int] = None
     width: Optional[int] = None
     height: Optional[int] = None
@@ -91,9 +98,9 @@ def check_side(value: int | None, param: str) -> None:
     if not 8 <= value <= MAX_SIDE:
         raise bad_request(f"Invalid {param}: {value} pixels is out of range (8 to {MAX_SIDE})", param, "invalid_size")
     if value % 8:
-        low = max(8, value - value % 8)
+        low, high = nearest_multiples(value)
         raise bad_request(f"Invalid {param}: {value} is not a multiple of 8 (the nearest valid sizes are {low} and "
-                          f"{low + 8})", param, "invalid_size")
+                          f"{high})", param, "invalid_size")
 
 
 def check_prompt(prompt: str | None, param: str = "prompt") -> str:
@@ -106,24 +113,10 @@ def check_prompt(prompt: str | None, param: str = "prompt") -> str:
     return prompt
 
 
-class ImageEditForm(BaseModel):
+class ImageEditForm(_ImageFields):
     """The fields of ``POST /v1/images/edits`` besides its files (form values arrive as text; pydantic converts)."""
 
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str
-    model: Optional[str] = None
-    n: Optional[int] = 1
-    size: Optional[str] = None
-    response_format: Optional[Literal["url", "b64_json"]] = None
-    user: Optional[str] = None
-    seed: Optional[int] = None
-    steps: Optional[int] = None
-    guidance_scale: Optional[float] = None
-    negative_prompt: Optional[str] = None
     strength: Optional[float] = None
-    scheduler: Optional[str] = None
-    batch_size: Optional[int] = None
 
 
 class ImageVariationForm(ImageEditForm):

@@ -8,7 +8,6 @@ that the caller shows before executing it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -425,8 +425,9 @@ def check_disk_space(needed: int, cache_dir: Path | None = None) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed + FREE_SPACE_MARGIN:
         raise DownloadError(
-            f"not enough disk space in {root}: the download needs {human_size(needed)}, "
-            f"{human_size(free)} is free; free some space or pass `--cache-dir` on a larger disk"
+            f"not enough disk space in {root}: the download needs {human_size(needed)} and dalle keeps "
+            f"{human_size(FREE_SPACE_MARGIN)} free beyond it ({human_size(needed + FREE_SPACE_MARGIN)} in all); "
+            f"{human_size(free)} is free. Free some space or pass `--cache-dir` on a larger disk"
         )
 
 

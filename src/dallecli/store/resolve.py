@@ -14,8 +14,8 @@ from importlib import resources
 from pathlib import Path
 
 from dallecli import __version__
-from dallecli.errors import LoraError, ModelNotFoundError, UnsafeWeightsError, UsageError
-from dallecli.store.registry import EMBEDDED, ModelSpec, canonical_name, lookup
+from dallecli.errors import ModelNotFoundError, UnsafeWeightsError, UsageError
+from dallecli.store.registry import EMBEDDED, PIPELINE_KINDS, ModelSpec, canonical_name, lookup
 from dallecli.engine.weights import PICKLE_SUFFIXES
 
 
@@ -65,7 +65,12 @@ def check_repo_id(name: str, option: str = "--model") -> str:
                 raise UsageError(f"dalle download {name}: give a registry alias (see `dalle models`) or an org/name "
                                  "Hub repo id, not a path") from None
             raise UsageError(f"{option} {name}: no such file or folder") from None
-        raise UsageError(f"{option} '{name}' is not a registry alias (see `dalle models`), a folder or an org/name "
+        from dallecli.store.registry import REGISTRY
+
+        kinds = {"--vae": ("vae", "tiny-vae"), "--lora": ("lora",)}.get(option, ("pipeline",))
+        aliases = ", ".join((["full", "tiny"] if option == "--vae" else [])
+                            + [spec.alias for spec in REGISTRY.values() if spec.kind in kinds])
+        raise UsageError(f"{option} '{name}' is not a registry alias ({aliases}), a folder or an org/name "
                          "Hub repo id (letters, digits, '-', '_' and '.')") from None
     return name
 
@@ -87,8 +92,21 @@ def _cached_file(repo_id: str, filename: str, cache_dir: Path | None, revision: 
     return Path(found) if isinstance(found, str) else None
 
 
+_KIND_NAMES = {"pipeline": "a text-to-image model", "upscaler": "an upscaler", "inpainting": "an inpainting model"}
+
+
+def wrong_kind(spec: ModelSpec, kind: str) -> str:
+    """The one-line message for a registry entry used by a command that needs another ``kind`` of model, naming
+    the command (or option) that does use it, e.g. "sd-x4-upscaler is an upscaler: use `dalle upscale`"."""
+    if spec.kind == "lora":
+        return f"'{spec.alias}' is a lora entry, not {_KIND_NAMES[kind]}; use it with --lora"
+    if spec.kind in ("vae", "tiny-vae"):
+        return f"'{spec.alias}' is a {spec.kind} entry, not {_KIND_NAMES[kind]}; use it with --vae"
+    return f"{spec.alias} is {_KIND_NAMES[spec.kind]}: use `dalle {PIPELINE_KINDS[spec.kind]}`"
+
+
 def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str | None = None, *,
-                  recorded_revision: str | None = None) -> ResolvedModel:
+                  recorded_revision: str | None = None, kind: str = "pipeline") -> ResolvedModel:
     """Find the folder for ``name`` without any network access.
 
     Args:
@@ -98,15 +116,21 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
         revision: branch, tag or commit downloaded with ``dalle download --revision`` (default: main).
         recorded_revision: the commit an image records (``dalle generate --from``): used when no ``revision`` is
             given and that snapshot is downloaded; otherwise the default one, with a notice that pixels may differ.
+        kind: the registry kind the command needs: "pipeline" (text to image), "upscaler" or "inpainting"; a
+            registry entry of another kind, or the embedded model for anything but "pipeline", is refused.
 
     Raises:
         ModelNotFoundError: nothing by that name is available locally (the message says how to get it).
         UnsafeWeightsError: a single pickle checkpoint file was given (by name or by content).
         CorruptWeightsError: a single file that is truncated or not safetensors.
         UnsupportedCheckpointError: a single safetensors file that is not an SD 1.x/2.x/SDXL checkpoint.
-        UsageError: a name that is neither a path, an alias nor a well-formed repo id.
+        UsageError: a name that is neither a path, an alias nor a well-formed repo id; a registry entry (or the
+            embedded model) of another kind than ``kind`` (:func:`wrong_kind`).
     """
     if name in (None, "", EMBEDDED, "embedded", "default"):
+        if kind != "pipeline":
+            raise UsageError(f"the embedded model ({EMBEDDED}) cannot do {PIPELINE_KINDS[kind]}; it draws text to "
+                             f"images only. Use {_KIND_NAMES[kind]} (see `dalle models`)")
         path = embedded_model_path()
         if not (path / "model_index.json").exists():
             raise ModelNotFoundError(
@@ -133,9 +157,8 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
         return ResolvedModel(str(local), local.resolve(), None, None)
     name, notice = canonical_name(name)
     spec = lookup(name)
-    if spec is not None and not spec.is_pipeline:
-        raise UsageError(f"'{name}' is a {spec.kind} entry, not a text-to-image model; "
-                         + ("use it with --lora" if spec.kind == "lora" else "use it with --vae"))
+    if spec is not None and spec.kind != kind:
+        raise UsageError(wrong_kind(spec, kind))
     repo_id = spec.repo_id if spec else check_repo_id(name)
     alias = spec.alias if spec else repo_id
 
@@ -165,7 +188,9 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
 def missing_components(folder: Path) -> list[str]:
     """The components that ``folder``'s ``model_index.json`` names but that are absent or have no weights (a
     download that was interrupted); the safety checker and feature extractor, which dalle never loads, do not
-    count. Tokenizers and schedulers need no weights; a component with a ``config.json`` (a model) does."""
+    count. Tokenizers and schedulers need no weights; a component with a ``config.json`` (a model) does, and
+    a weights file whose cache blob is gone (a dangling snapshot link, a blob deleted by hand or removed after
+    failing verification) does not count as there."""
     import json
 
     from dallecli.store.download import pipeline_components
@@ -177,9 +202,12 @@ def missing_components(folder: Path) -> list[str]:
     missing = []
     for key in pipeline_components(index):
         component = folder / key
+        weights = list(component.glob("*.safetensors")) if component.is_dir() else []
         if not component.is_dir() or not any(component.iterdir()):
             missing.append(key)
-        elif (component / "config.json").is_file() and not any(component.glob("*.safetensors")):
+        elif any(not path.is_file() for path in weights):  # is_file follows the snapshot link to its blob
+            missing.append(key)
+        elif (component / "config.json").is_file() and not weights:
             missing.append(key)
     return missing
 
@@ -200,20 +228,20 @@ def resolve_lora(name: str, cache_dir: Path | None = None) -> tuple[Path, str | 
         ``(path of the .safetensors file, registry alias or None for a plain path)``.
 
     Raises:
-        LoraError: no such file, and not a registry name.
-        UsageError: a registry entry that is not a LoRA.
+        UsageError: no such file and not a registry name, a folder without ``lora.safetensors``, or a registry
+            entry that is not a LoRA.
         ModelNotFoundError: a registry LoRA that is not downloaded (the message says how to get it).
     """
     local = Path(name).expanduser()
     if local.is_dir():  # the folder `dalle finetune` writes
         if (local / "lora.safetensors").is_file():
             return local / "lora.safetensors", None
-        raise LoraError(f"--lora {local} is a folder without lora.safetensors; give the LoRA's .safetensors file")
+        raise UsageError(f"--lora {local} is a folder without lora.safetensors; give the LoRA's .safetensors file")
     if local.exists():
         return local, None
     spec = lookup(name)
     if spec is None:
-        raise LoraError(f"LoRA file {local} not found (nor a registry LoRA name; see `dalle models`)")
+        raise UsageError(f"--lora {local}: no such file (nor a registry LoRA name; see `dalle models`)")
     if spec.kind != "lora":
         raise UsageError(f"--lora {name}: '{spec.alias}' is a {spec.kind} entry, not a LoRA")
     found = _cached_file(spec.repo_id, LORA_FILE, cache_dir, None)

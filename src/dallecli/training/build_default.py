@@ -34,7 +34,7 @@ import torch
 
 from dallecli.engine.known_words import words_of
 from dallecli.training import shapes
-from dallecli.training.autoencoder import AutoencoderConfig, build_autoencoder, train_autoencoder
+from dallecli.training.autoencoder import AutoencoderConfig, train_autoencoder
 from dallecli.training.trainer import DenoiserTrainer, EncodedData, StepReport, TrainSettings
 from dallecli.training.vocabulary import build_clip_vocabulary
 

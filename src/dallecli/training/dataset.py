@@ -25,7 +25,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dallecli.engine.inputs import load_rgb, to_rgb8  # noqa: F401 - one loader for training and image inputs
 from dallecli.errors import DatasetError, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -205,6 +205,28 @@ def process_state():
     return PartialState(cpu=cpu)
 
 
+def header_metadata(**values) -> dict[str, str]:
+    """Metadata for a safetensors header, which holds strings only: numbers as ``str``/``:g``, booleans as
+    "true"/"false", None as "".
+
+    Raises:
+        TypeError: a value that is not a string, number, boolean or None (a fault of the caller).
+    """
+    header = {}
+    for key, value in values.items():
+        if value is None:
+            header[key] = ""
+        elif isinstance(value, bool):
+            header[key] = str(value).lower()
+        elif isinstance(value, float):
+            header[key] = f"{value:g}"
+        elif isinstance(value, (int, str)):
+            header[key] = str(value)
+        else:
+            raise TypeError(f"safetensors metadata {key!r} must be a string or a number, not {type(value).__name__}")
+    return header
+
+
 def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -278,7 +300,8 @@ def _encode(pipe, scan: FolderScan, config: FinetuneConfig, resolution: int, dev
     import torch
     from PIL import Image
 
-    from dallecli.training.dataset import image_tensor, load_rgb, resize_and_crop
+    from dallecli.engine.inputs import load_rgb
+    from dallecli.training.dataset import image_tensor, resize_and_crop
 
     rng = random.Random(config.seed)
     pixels, captions = [], []
@@ -504,21 +527,21 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
             if hooks.sampled:
                 hooks.sampled(report.step, paths)
 
+    # the file header, built before step 1: a value safetensors refuses must not fail after the training
+    alpha = config.alpha if config.alpha is not None else config.rank
+    metadata = header_metadata(
+        base_model=resolved.name, base_model_revision=resolved.revision or "", rank=config.rank, alpha=alpha,
+        steps=config.steps, resolution=resolution, images=len(scan.examples), tool="dallecli",
+        tool_version=__version__, learning_rate=config.learning_rate, seed=config.seed,
+        train_text_encoder=config.train_text_encoder, target_modules=",".join(UNET_TARGETS),
+        alpha_folded_into_weights=True,
+    )
     _emit(hooks.started, trainer.step)
     result = trainer.run(on_step=on_step, on_save=hooks.saved)
     train_seconds = max(result.seconds - sampling[0], 1e-9)
 
     # 6. write the result (main process only; nothing is reached when the loss diverged)
     lora_path = kohya_path = model_path = None
-    alpha = config.alpha if config.alpha is not None else config.rank
-    metadata = {
-        "base_model": resolved.name, "base_model_revision": resolved.revision or "",
-        "rank": str(config.rank), "alpha": f"{alpha:g}", "steps": str(result.steps),
-        "resolution": str(resolution), "images": str(len(scan.examples)), "tool": "dallecli",
-        "tool_version": __version__, "learning_rate": f"{config.learning_rate:g}", "seed": str(config.seed),
-        "train_text_encoder": str(config.train_text_encoder).lower(), "target_modules": ",".join(UNET_TARGETS),
-        "alpha_folded_into_weights": "true",
-    }
     if state.is_main_process:
         if config.full:
             model_path = output / "model"

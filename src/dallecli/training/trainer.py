@@ -7,8 +7,10 @@ encoder's hidden states, and minimise the mean squared error, optionally weighte
 (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy").
 
 Data come pre-encoded (:class:`EncodedData`: VAE latents and token ids), which is the main speed lever on
-small hardware. Distribution and mixed precision go through ``accelerate``; every process draws the same
-index stream and takes its own slice, so a run is deterministic for a given seed and world size.
+small hardware. Distribution and mixed precision go through ``accelerate``: every process draws the same
+index stream (one generator seeded alike on every rank) and takes its own slice of it, and draws its noise,
+timesteps and caption-dropout mask from a generator of its own (:func:`rank_seed`), so N processes train on
+N different batches; a run is deterministic for a given seed and world size, and resumes each rank's stream.
 """
 
 from __future__ import annotations
@@ -115,6 +117,12 @@ class TrainResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s noise generator (noise, timesteps, caption dropout): distinct per rank,
+    fixed by the run's ``seed``. The index stream keeps ``seed`` itself, shared by all ranks."""
+    return (seed * 1_000_003 + 7919 * (rank + 1)) % 2**63
+
+
 HIGH_NOISE_START = 0.8  # "noisiest fifth": timesteps from 0.8 T to T - 1
 
 
@@ -206,7 +214,9 @@ class DenoiserTrainer:
 
             self.ema = EMAModel(ema_parameters or parameters, decay=settings.ema_max_decay,
                                 use_ema_warmup=True, power=2 / 3)
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.generator = torch.Generator().manual_seed(settings.seed)  # the data index stream, same on every rank
+        self.rank = self.accelerator.process_index
+        self.noise_generator = torch.Generator().manual_seed(rank_seed(settings.seed, self.rank))
         self.python_rng = random.Random(settings.seed)
         self.step = 0
 
@@ -223,6 +233,7 @@ class DenoiserTrainer:
             else self.optimizer.state_dict(),
             "lr_scheduler": {k: v for k, v in self.lr_scheduler.scheduler.state_dict().items() if k != "lr_lambdas"},
             "generator": self.generator.get_state(),
+            "noise_generators": self._gather_noise_states(),  # (world, S): row r is rank r's stream
             "torch_rng": torch.get_rng_state(),
             "python_rng": list(self.python_rng.getstate()[1]) + [self.python_rng.getstate()[2]],
             "settings": asdict(self.settings),
@@ -233,11 +244,22 @@ class DenoiserTrainer:
             state["ema"] = ema_state
         return state
 
+    def _gather_noise_states(self) -> torch.Tensor:
+        """Every rank's noise generator state, (world, S) uint8 (a collective: all ranks must call it)."""
+        own = self.noise_generator.get_state().unsqueeze(0)  # (1, S)
+        if self.accelerator.num_processes == 1:
+            return own
+        return self.accelerator.gather(own.to(self.accelerator.device)).cpu()
+
     def save(self) -> Path | None:
-        """Write a checkpoint of the current step (main process only); returns its folder."""
-        if self.checkpoint_dir is None or not self.is_main_process:
+        """Write a checkpoint of the current step (the main process writes; every rank must call it, since the
+        ranks' noise generator states are gathered); returns its folder on the main process."""
+        if self.checkpoint_dir is None:
             return None
-        return save_checkpoint(self.checkpoint_dir, self.step, self.state())
+        state = self.state()
+        if not self.is_main_process:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.step, state)
 
     def resume(self) -> int:
         """Restore the latest checkpoint in ``checkpoint_dir``; returns its step (0 when there is none).
@@ -260,6 +282,11 @@ class DenoiserTrainer:
         scheduler_state = dict(state["lr_scheduler"], lr_lambdas=[None] * len(inner.param_groups))
         self.lr_scheduler.scheduler.load_state_dict(scheduler_state)
         self.generator.set_state(state["generator"])
+        noise_states = state.get("noise_generators")
+        if noise_states is not None and noise_states.shape[0] == self.accelerator.num_processes:
+            self.noise_generator.set_state(noise_states[self.rank].clone())
+        else:  # an older checkpoint, or another world size: a fresh stream per rank, fixed by the step
+            self.noise_generator.manual_seed(rank_seed(self.settings.seed + step, self.rank))
         torch.set_rng_state(state["torch_rng"])
         python_state = state["python_rng"]
         self.python_rng.setstate((3, tuple(python_state[:-1]), python_state[-1]))
@@ -279,15 +306,40 @@ class DenoiserTrainer:
         latents = self.data.latents[index]
         ids = (self.data.hidden_states if cached else self.data.input_ids)[index].clone()
         if self.settings.caption_dropout > 0:
-            drop = torch.rand(size, generator=self.generator) < self.settings.caption_dropout
+            drop = torch.rand(size, generator=self.noise_generator) < self.settings.caption_dropout
             ids[drop] = self.data.empty_hidden if cached else self.data.empty_ids
         return latents.to(self.accelerator.device), ids.to(self.accelerator.device)
 
+    def _draw_noise(self, shape: torch.Size) -> torch.Tensor:
+        """Gaussian noise of ``shape`` (B, C, h, w) from this rank's own generator."""
+        return torch.randn(shape, generator=self.noise_generator)
+
+    def _stop_if_diverged(self, loss: torch.Tensor) -> None:
+        """Raise on every rank when the loss is NaN/Inf on any rank, before ``backward``: a rank that stopped
+        alone would leave the others waiting for it in the gradient all-reduce.
+
+        Raises:
+            TrainingDivergedError: naming the step and, with several processes, how many ranks diverged.
+        """
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.accelerator.device)
+        world = self.accelerator.num_processes
+        if world > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() == 0:
+            return
+        where = "another process's loss became NaN/Inf" if torch.isfinite(loss) else f"loss became {loss.item()}"
+        if world > 1:
+            where += f" (on {int(bad.item())} of {world} processes)"
+        advice = (f"Lower --learning-rate (now {self.settings.learning_rate:g})" +
+                  (" or use --mixed-precision no" if self.settings.mixed_precision != "no" else ""))
+        raise TrainingDivergedError(f"{where} at step {self.step + 1}; nothing was saved after step {self.step}. "
+                                    f"{advice}")
+
     def _loss(self, latents: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         scheduler = self.noise_scheduler
-        noise = torch.randn(latents.shape, generator=self.generator).to(latents.device)
+        noise = self._draw_noise(latents.shape).to(latents.device)
         timesteps = sample_timesteps(scheduler.config.num_train_timesteps, latents.shape[0],
-                                     self.settings.high_noise_fraction, self.generator).to(latents.device)
+                                     self.settings.high_noise_fraction, self.noise_generator).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) \
             if scheduler.config.prediction_type == "v_prediction" else noise
@@ -329,12 +381,7 @@ class DenoiserTrainer:
                 with self.accelerator.accumulate(self.unet):
                     latents, ids = self._batch()
                     loss = self._loss(latents, ids)
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"loss became {loss.item()} at step {self.step + 1}; nothing was saved after step "
-                            f"{self.step}. Lower --learning-rate (now {self.settings.learning_rate:g}) or use "
-                            "--mixed-precision no"
-                        )
+                    self._stop_if_diverged(loss)
                     self.accelerator.backward(loss)
                     if self.accelerator.sync_gradients:
                         self.accelerator.clip_grad_norm_(self.parameters, self.settings.max_grad_norm)
