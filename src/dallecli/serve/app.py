@@ -29,6 +29,8 @@ def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
+DRAIN_LIMIT = 64 * 1024 * 1024  # a too-large body up to this size is read to its end before the 413 is sent
+
 # the routes that take images (multipart uploads, base64 in JSON) get the larger upload limit
 UPLOAD_ROUTES = ("/v1/images/edits", "/v1/images/variations", "/sdapi/v1/img2img")
 
@@ -46,7 +48,8 @@ class BodyLimit:
         limit = self.upload_limit if scope.get("path", "").rstrip("/") in UPLOAD_ROUTES else self.limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await self._too_large(send, limit)
+            drain = declared.isdigit() and int(declared) <= DRAIN_LIMIT
+            return await self._too_large(send, limit, receive if drain else None)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -54,9 +57,9 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > limit:
-                return await self._too_large(send, limit)
             more = message.get("more_body", False)
+            if size > limit:
+                return await self._too_large(send, limit, receive if more else None, size)
         body, replayed = b"".join(chunks), False
 
         async def replay():
@@ -68,7 +71,15 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _too_large(self, send, limit: int) -> None:
+    async def _too_large(self, send, limit: int, receive=None, read: int = 0) -> None:
+        """Answer 413. With ``receive``, the rest of the body (up to :data:`DRAIN_LIMIT` in all) is read and
+        dropped first: a client still sending when the answer comes and the connection closes sees a reset
+        instead of the answer."""
+        while receive is not None and read <= DRAIN_LIMIT:
+            message = await receive()
+            read += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
         body = json.dumps(ApiError(413, f"The request body is larger than {limit} bytes",
                                    code="request_too_large").body()).encode()
         await send({"type": "http.response.start", "status": 413,
