@@ -256,3 +256,68 @@ def test_sigint_exits_130_and_the_next_run_resumes(tiny_pipeline, tmp_path):
     again = run_dalle("batch", "p.txt", *tiny(tiny_pipeline, "--batch-size", "4", "--out", "out", "--seed", "0"))
     assert again.returncode == 0 and f"skipped {done}, generating {16 - done}" in again.stderr
     assert len(images(out)) == 16
+
+
+# -- #18 item 4: names stay tied to rows, the resume key holds the engine's settings, paths stay inside ----------
+def test_rerun_with_another_dtype_makes_images_again_under_their_own_row_numbers(tiny_pipeline, tmp_path):
+    """#18 item 4: dtype, VAE, LoRAs and revision are in the resume key (a re-run with another dtype counted the
+    old images as done), and the new images clash with the old names: they keep their row's number and take a
+    copy tag instead of drifting to the next row's number."""
+    (tmp_path / "p.txt").write_text("a red circle\na red circle\n")  # same prompt: only the number and seed differ
+    args = ["p.txt", *tiny(tiny_pipeline, "--out", "out", "--seed", "1000")]  # row 1 image 0 = seed 2000
+    assert invoke(*args).exit_code == 0
+    (tmp_path / "p.txt").write_text("a red circle\na red circle\n")
+    result = invoke(*args, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "skipped 0, generating 2" in result.stderr
+    records = [r for r in manifest(tmp_path / "out")[1:] if r["status"] == "done"]
+    assert len(records) == 4 and {r["dtype"] for r in records} == {"float32", "bfloat16"}
+    for record in records:
+        assert record["path"].startswith(f"{record['row']:04d}-{record['seed']}-"), record["path"]
+        assert {"vae", "loras", "model_revision"} <= record.keys()
+    assert sorted(r["path"] for r in records if r["dtype"] == "bfloat16") == [
+        "0000-1000-a-red-circle.2.png", "0001-2000-a-red-circle.2.png"]
+    again = invoke(*args, "--dtype", "bfloat16")  # the same settings again: done
+    assert again.exit_code == 0 and "skipped 2, generating 0" in again.stderr
+
+
+def test_a_manifest_from_before_the_new_key_still_resumes(tiny_pipeline, tmp_path):
+    """#18 item 4: a record without vae/loras/model_revision takes them from its image's metadata: done for the
+    same settings; an image without readable metadata, or a damaged line, does not count and does not crash."""
+    (tmp_path / "p.txt").write_text("a cat\na red circle\n")
+    args = ["p.txt", *tiny(tiny_pipeline, "--out", "out", "--seed", "3")]
+    assert invoke(*args).exit_code == 0
+    path = tmp_path / "out" / "manifest.jsonl"
+    header, *records = manifest(tmp_path / "out")
+    old = [{k: v for k, v in r.items() if k not in ("vae", "loras", "model_revision")} for r in records]
+    old.append({**old[0], "guidance_scale": "junk", "loras": {"x": 1}, "path": ["not", "a", "name"]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in [header, *old]))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "skipped 2, generating 0" in result.stderr
+    (tmp_path / "out" / old[1]["path"]).write_bytes(b"not a png")  # its metadata is gone: made again
+    result = invoke(*args)
+    assert result.exit_code == 0 and "skipped 1, generating 1" in result.stderr
+
+
+def test_overwrite_never_deletes_or_reads_a_path_outside_the_folder(tiny_pipeline, tmp_path):
+    """#18 item 4: manifest paths that leave the folder (``../x.png``, absolute) are not images of the run."""
+    (tmp_path / "p.txt").write_text("a cat\na red circle\n")
+    args = ["p.txt", *tiny(tiny_pipeline, "--out", "out", "--seed", "3")]
+    assert invoke(*args).exit_code == 0
+    outside = tmp_path / "keep.png"
+    outside.write_bytes(b"precious")
+    absolute = tmp_path / "also-keep.png"
+    absolute.write_bytes(b"precious too")
+    path = tmp_path / "out" / "manifest.jsonl"
+    header, first, second = manifest(tmp_path / "out")
+    for record in (first, second):
+        (tmp_path / "out" / record["path"]).unlink()
+    first["path"], second["path"] = "../keep.png", str(absolute)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [header, first, second]))
+    result = invoke(*args, "--grid")  # not done: the files outside do not count (nor go into the grid)
+    assert result.exit_code == 0 and "skipped 0, generating 2" in result.stderr
+    path.write_text("".join(json.dumps(r) + "\n" for r in [header, first, second]))
+    result = invoke(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert outside.read_bytes() == b"precious" and absolute.read_bytes() == b"precious too"

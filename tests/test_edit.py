@@ -38,16 +38,26 @@ def red_circle(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_edit_repaints_the_masked_area_as_prompted_and_keeps_every_other_pixel(embedded, red_circle, seed):
+def test_edit_repaints_the_masked_area_and_keeps_every_other_pixel(embedded, red_circle, seed):
     image, mask, repaint = red_circle
     result = next(embedded.generate(GenerationRequest("a blue square on a white background", seed=seed,
                                                       image=str(image), mask=str(mask))))
     before, after = np.asarray(Image.open(image)), np.asarray(result.image)
     assert np.array_equal(after[~repaint], before[~repaint])  # exactly as given
-    found = detect(result.image)
-    assert (found.colour, found.shape, found.background) == ("blue", "square", "white")
+    assert not np.array_equal(after[repaint], before[repaint])  # repainted
     assert (result.settings.task, result.settings.strength) == ("inpaint", 1.0)
     assert result.settings.mask["path"] == str(mask.resolve())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 3])
+def test_edit_repaints_the_masked_area_as_prompted(embedded, red_circle, seed):
+    """Model quality (#18 item 13: slow): the detector finds the prompted shape in the repainted area."""
+    image, mask, _ = red_circle
+    result = next(embedded.generate(GenerationRequest("a blue square on a white background", seed=seed,
+                                                      image=str(image), mask=str(mask))))
+    found = detect(result.image)
+    assert (found.colour, found.shape, found.background) == ("blue", "square", "white")
 
 
 def test_edit_on_a_kl_vae_pipeline_keeps_unmasked_pixels_exactly(tiny_pipeline, tmp_path):

@@ -31,7 +31,18 @@ def test_loads_with_plain_diffusers():
     assert pipe.tokenizer.model_max_length == 32
 
 
+def test_the_embedded_models_defaults_are_recorded():
+    """The fast half of the red-circle test (#18 item 13: its picture checks run with the slow set)."""
+    engine = Engine(None)
+    [result] = engine.generate(GenerationRequest("a large red circle on a white background", seed=0, steps=2))
+    settings = result.settings
+    assert result.image.size == (64, 64) and engine.defaults()["steps"] == 12
+    assert (settings.model, settings.steps, settings.width, settings.seed) == ("shapes", 2, 64, 0)
+
+
+@pytest.mark.slow
 def test_red_prompt_gives_a_red_circle_with_metadata():
+    """Model quality (#18 item 13: slow): the detector finds the prompted colour and background."""
     engine = Engine(None)
     results = list(engine.generate(GenerationRequest("a large red circle on a white background", num_images=2, seed=0)))
     for result in results:
@@ -45,7 +56,9 @@ def test_red_prompt_gives_a_red_circle_with_metadata():
     assert (settings.model, settings.steps, settings.width, settings.seed) == ("shapes", 12, 64, 0)
 
 
+@pytest.mark.slow
 def test_position_words_move_the_object():
+    """Model quality (#18 item 13: slow): the detector finds the object where the prompt puts it."""
     # same seeds, only the position words differ: the starting noise must not decide where the object goes
     engine = Engine(None)
     found = {}

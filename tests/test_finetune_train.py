@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +185,54 @@ def test_bad_options_fail_before_loading(tmp_path):
     assert result.returncode == 2 and "--resolution 30" in result.stderr
     result = run_dalle("finetune", str(PHOTOS), "--output", str(tmp_path / "o"), "--mixed-precision", "fp8")
     assert result.returncode == 2 and "--mixed-precision" in result.stderr
+
+
+def _refuses_writes(folder: str) -> bool:
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return os.path.isdir(folder)
+    os.close(fd)
+    os.unlink(name)
+    return False
+
+
+def test_an_output_that_cannot_take_the_results_fails_before_the_data_is_read(tiny_pipeline, tmp_path):
+    """#18 item 7: an output the run cannot write (a file where checkpoints/ or samples/ go, a folder where
+    lora.safetensors goes, a folder that refuses new files though the access check passes) is exit 2 before the
+    data is scanned; the old code scanned, loaded, encoded and trained first."""
+    def run(output, *extra):
+        return CliRunner().invoke(app, ["finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output",
+                                        str(output), "--steps", "1", *extra])
+
+    from dallecli.cli.app import app
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "checkpoints").write_text("a file")
+    (tmp_path / "b" / "lora.safetensors").mkdir(parents=True)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "samples").write_text("a file")
+    cases = [(tmp_path / "a", ()), (tmp_path / "b", ()), (tmp_path / "c", ("--sample-prompt", "a cat"))]
+    if _refuses_writes("/sys/kernel"):  # passes os.access as root, refuses every new file
+        cases.append((Path("/sys/kernel"), ()))
+    for output, extra in cases:
+        result = run(output, *extra)
+        assert result.exit_code == 2, (output, result.output)
+        assert "--output" in result.stderr and "captioned" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "b" / "samples").exists() and not list((tmp_path / "b").glob(".dalle-probe-*"))
+
+
+def test_a_model_that_is_not_downloaded_fails_before_the_data_is_scanned(tmp_path):
+    """#18 item 7: the model is resolved before the data folder is read (it was resolved after the scan)."""
+    from dallecli.cli.app import app
+
+    result = CliRunner().invoke(app, ["finetune", str(PHOTOS), "--model", "org/not-downloaded", "--output",
+                                      str(tmp_path / "o")])
+    assert result.exit_code == 1 and "not downloaded" in result.stderr
+    assert "captioned" not in result.stderr and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The engine on a tiny random pipeline: seeds, batching, guidance, truncation, NaN, schedulers.
 Cases C01, C02, C04, C21, C22."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -122,6 +124,77 @@ def test_every_scheduler_generates(tiny_pipeline):
         result = next(engine.generate(GenerationRequest("a cat", seed=0, scheduler=name, **SMALL)))
         assert result.settings.scheduler == name
         assert result.image.size == (32, 32)
+
+
+SHIPPED_SCHEDULER_CONFIGS = sorted(
+    (Path(__file__).parents[1] / "src" / "dallecli" / "models").glob("**/scheduler/scheduler_config.json"))
+
+
+@pytest.mark.parametrize("config_path", SHIPPED_SCHEDULER_CONFIGS,
+                         ids=lambda p: p.parent.parent.name)
+def test_no_supported_scheduler_runs_fewer_steps_than_asked(config_path):
+    """#18 item 11: a scheduler that plans fewer denoising steps than ``--steps`` would make progress and the
+    image's recorded ``steps`` wrong. Older diffusers did that (DPMSolverMultistepScheduler dropped repeated
+    Karras timesteps with ``np.unique``); in diffusers 0.42.1 none of ours does, on any shipped model's schedule
+    (embedded, SD 1.5, 2.1, 2.1-base, SDXL), for 1-60 steps and up to 1000: every step asked for is planned, at
+    a distinct timestep, or the request is refused before anything runs (check_scheduler). If an upgrade brings
+    it back, this names the scheduler, and the engine must then report the steps that ran."""
+    import copy
+    import json
+
+    from dallecli.engine.schedulers import check_scheduler, scheduler_class
+
+    config = json.loads(config_path.read_text())
+    own = scheduler_class(config["_class_name"])
+    for name in ["default", *SCHEDULERS]:
+        for steps in [*range(1, 61), 100, 250, 500, 999, 1000]:
+            try:
+                check_scheduler(name, config, steps)
+                scheduler = own.from_config(config) if name == "default" else make_scheduler(name, config)
+                from dallecli.engine.schedulers import check_steps
+
+                check_steps(scheduler, steps)
+            except UsageError:
+                continue  # refused before the model loads: nothing runs
+            planned = copy.deepcopy(scheduler)
+            planned.set_timesteps(steps)
+            timesteps = [float(t) for t in planned.timesteps]
+            assert len(timesteps) >= steps and len(set(timesteps)) >= steps, (name, steps, len(set(timesteps)))
+
+
+def test_a_plan_that_repeats_a_timestep_is_refused_before_anything_loads(tiny_pipeline):
+    """#18 item 11: DPM++ and UniPC at 1000 steps on SD 1.5's schedule plan timestep 500 twice (999 distinct);
+    the solver divided by the zero step and the image came out NaN after the whole run. Refused up front."""
+    import json
+
+    from dallecli.engine.schedulers import check_scheduler
+
+    sd15 = json.loads((SHIPPED_SCHEDULER_CONFIGS[0].parents[2] / "single_file" / "sd15" / "scheduler" /
+                       "scheduler_config.json").read_text())
+    for name in ("dpm++", "unipc"):
+        with pytest.raises(UsageError, match=r"only 999 distinct timesteps.*use --steps 999 or another --scheduler"):
+            check_scheduler(name, sd15, 1000)
+        check_scheduler(name, sd15, 999)
+    from dallecli.engine.schedulers import check_steps, scheduler_class
+
+    check_steps(scheduler_class(sd15["_class_name"]).from_config(sd15), 1000)  # its own PNDM: 1000 distinct
+    config = json.loads((tiny_pipeline / "scheduler" / "scheduler_config.json").read_text())
+    if config.get("timestep_spacing", "leading") == "leading" and not config.get("rescale_betas_zero_snr"):
+        engine = Engine(str(tiny_pipeline))
+        with pytest.raises(UsageError, match="distinct timesteps"):
+            engine.plan(GenerationRequest("a cat", scheduler="dpm++", **{**SMALL, "steps": 1000}))
+        assert not engine.loaded
+
+
+def test_progress_and_metadata_count_the_steps_that_ran(tiny_pipeline):
+    """#18 item 11: each denoising step is one progress call, out of the recorded number of steps."""
+    engine = Engine(str(tiny_pipeline))
+    for name in SCHEDULERS:
+        calls = []
+        result = next(engine.generate(GenerationRequest("a cat", seed=0, scheduler=name, **{**SMALL, "steps": 3}),
+                                      on_step=lambda step, total: calls.append((step, total))))
+        assert calls == [(1, 3), (2, 3), (3, 3)] and result.settings.steps == 3, name
+        assert len(engine.pipe.scheduler.timesteps) == 3, name
 
 
 def test_pipeline_is_loaded_once_per_process(tiny_pipeline):

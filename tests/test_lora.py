@@ -167,7 +167,7 @@ def test_a_dict_applies_exactly_what_diffusers_applies_from_the_file(kohya_lora,
 
 def test_lora_files_must_end_where_their_header_says(kohya_lora, tmp_path):
     from dallecli.engine.lora import read_lora
-    from dallecli.engine.weights import sniff
+    from dallecli.weightfiles import sniff
     from dallecli.errors import CorruptWeightsError, UnsafeWeightsError
 
     path, _ = kohya_lora

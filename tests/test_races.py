@@ -58,9 +58,9 @@ def test_processes_released_together_all_write_into_a_new_folder(tmp_path):
 
 def test_file_modes_never_flip_the_process_umask(tmp_path, monkeypatch):
     """``default_mode`` runs in ``dalle serve``'s threads: setting the umask and back would race with them."""
-    from dallecli import images
+    from dallecli import atomic
 
-    assert images._UMASK == _current_umask()
+    assert atomic._UMASK == _current_umask()
 
     def refuse(_mask):
         raise AssertionError("os.umask was called while writing")
@@ -69,8 +69,8 @@ def test_file_modes_never_flip_the_process_umask(tmp_path, monkeypatch):
     made = tmp_path / "made.png"
     made.write_bytes(b"")
     os.chmod(made, 0o600)
-    images.default_mode(made)
-    assert made.stat().st_mode & 0o777 == 0o666 & ~images._UMASK
+    atomic.default_mode(made)
+    assert made.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK
 
 
 def _current_umask() -> int:

@@ -405,7 +405,7 @@ def test_safetensors_is_recognised_before_the_pickle_opcode_and_must_end_where_i
     SD 3.5, FLUX and PixArt were refused for that); a file longer than its header says is damaged."""
     import struct
 
-    from dallecli.engine.weights import sniff, verify_safetensors
+    from dallecli.weightfiles import sniff, verify_safetensors
     from dallecli.errors import CorruptWeightsError
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()

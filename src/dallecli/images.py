@@ -6,7 +6,6 @@ Each PNG carries two text chunks: ``parameters`` in the AUTOMATIC1111 format (re
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -14,48 +13,26 @@ import tempfile
 import unicodedata
 from pathlib import Path
 
-from dallecli.errors import DiskFullError, UsageError
+from dallecli.atomic import place, staged_file
+from dallecli.errors import UsageError
 
 MAX_NAME_BYTES = 100
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f\x7f]')
 _SEPARATORS = re.compile(r"[\s\-_.,;!'`~()\[\]{}@#$%^&+=]+")
 _NUMBERED = re.compile(r"^(\d{4,})-")
-DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, quota exceeded
-
-
-def _read_umask() -> int:
-    """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting it and back, which
-    is done once, here, at import (before any thread exists), never while threads (``dalle serve``) run."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
-def default_mode(path: Path, directory: bool = False) -> None:
-    """Give a file made by ``tempfile`` (mode 0600/0700) the mode a plain ``open`` would: 0666/0777 less the
-    umask (read once at import: flipping it per call races with other threads), so images and models are
-    readable as users expect."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_UMASK)
 
 
 def prepare_output_folder(folder: Path, option: str = "--out") -> Path:
     """Check, before any model loads, that ``folder`` is or can become a writable folder. Nothing is left
     created, and ``folder`` itself is never touched: a private probe folder is made and removed in its nearest
     existing parent (which catches file systems that refuse mkdir), so processes started together on the same
-    new folder cannot remove it under one another.
+    new folder cannot remove it under one another. An existing folder gets a private probe file, made and
+    removed: the access check trusts permission bits, which root passes, and some file systems (``/sys``, a
+    read-only or root-squashed mount) pass it and refuse the write.
 
     Raises:
-        UsageError: it is a file, its nearest existing parent is a file or not writable, or it cannot be created.
+        UsageError: it is a file, its nearest existing parent is a file or not writable, or it cannot be created
+            or written.
     """
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{option} {folder} is a file, not a folder")
@@ -71,6 +48,13 @@ def prepare_output_folder(folder: Path, option: str = "--out") -> Path:
             os.rmdir(tempfile.mkdtemp(prefix=".dalle-probe-", dir=existing))
         except OSError as exc:
             raise UsageError(f"{option} {folder} cannot be created: {exc.strerror or exc}") from None
+    else:  # ... and refuse new files in a folder that exists
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".dalle-probe-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UsageError(f"{option} {folder} is not writable: {exc.strerror or exc}") from None
     return folder
 
 
@@ -102,9 +86,13 @@ def next_index(folder: Path) -> int:
     return highest + 1
 
 
-def image_name(index: int, seed: int, prompt: str, suffix: str = ".png") -> str:
-    """``0007-1234-a-red-circle.png``: at most 100 bytes, no path separators or reserved characters."""
+def image_name(index: int, seed: int, prompt: str, suffix: str = ".png", copy: int = 1) -> str:
+    """``0007-1234-a-red-circle.png``: at most 100 bytes, no path separators or reserved characters.
+
+    ``copy`` n >= 2 names the n-th image with the same number, seed and prompt ``0007-1234-a-red-circle.2.png``
+    (a slug never holds a dot, so the tag cannot be mistaken for part of the prompt)."""
     head = f"{index:04d}-{seed}-"
+    suffix = f".{copy}{suffix}" if copy > 1 else suffix
     room = MAX_NAME_BYTES - len(head.encode()) - len(suffix)
     return head + slugify(prompt, max_bytes=min(60, room)) + suffix
 
@@ -132,19 +120,15 @@ def _atomic_link(tmp: Path, folder: Path, make_name, start: int) -> Path:
     for _ in range(10_000):
         final = folder / make_name(index)
         try:
-            os.link(tmp, final)  # fails if final exists: no overwrite, even against other processes
+            place(tmp, final, overwrite=False)  # no overwrite, even against other processes
             return final
         except FileExistsError:
-            index += 1
-        except OSError:  # file systems without hard links
-            if not final.exists():
-                os.replace(tmp, final)
-                return final
             index += 1
     raise UsageError(f"could not find a free file name in {folder}")
 
 
-def write_png(image, folder: Path, settings: dict, sampler: str, index: int | None = None) -> Path:
+def write_png(image, folder: Path, settings: dict, sampler: str, index: int | None = None, *,
+              keep_index: bool = False) -> Path:
     """Write ``image`` as a PNG with both metadata chunks, atomically, never overwriting a file.
 
     The image goes to a temporary file in ``folder`` and is hard-linked to its final name, so a reader or
@@ -156,6 +140,9 @@ def write_png(image, folder: Path, settings: dict, sampler: str, index: int | No
         settings: an :class:`~dallecli.engine.request.ImageSettings` dict (prompt, seed, steps, ...).
         sampler: the AUTOMATIC1111 sampler name for the ``parameters`` chunk.
         index: the number to start from; default: one more than the highest in ``folder``.
+        keep_index: on a name clash keep ``index`` and tag the name ``.2``, ``.3``, ... (:func:`image_name`)
+            instead of moving on to the next number: ``dalle batch`` names an image by its row, and the next
+            number is the next row's.
 
     Returns:
         The path written, directly inside ``folder``.
@@ -169,7 +156,8 @@ def write_png(image, folder: Path, settings: dict, sampler: str, index: int | No
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(settings, sampler))
     info.add_text("dalle", json.dumps(settings, ensure_ascii=False))
-    return _place(lambda handle: image.save(handle, format="PNG", pnginfo=info), folder, settings, index)
+    return _place(lambda handle: image.save(handle, format="PNG", pnginfo=info), folder, settings, index,
+                  keep_index)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -198,29 +186,18 @@ def write_png_bytes(data: bytes, folder: Path, settings: dict, index: int | None
     return _place(lambda handle: handle.write(data), folder, settings, index)
 
 
-def _place(fill, folder: Path, settings: dict, index: int | None) -> Path:
+def _place(fill, folder: Path, settings: dict, index: int | None, keep_index: bool = False) -> Path:
     """Write a temporary file in ``folder`` with ``fill(handle)`` and link it to its final name (see
     :func:`write_png`)."""
-    tmp = None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-        tmp = Path(tmp_name)
-        default_mode(tmp)
-        with os.fdopen(fd, "wb") as handle:
+    with staged_file(folder, ".png", what=f"an image in {folder}",
+                     advice="Free some space or choose another --out folder") as tmp:
+        with open(tmp, "wb") as handle:
             fill(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        if keep_index and index is not None:  # the number stays; a clash takes a copy tag (copy 1: no tag)
+            return _atomic_link(tmp, folder, lambda copy: image_name(index, settings["seed"], settings["prompt"],
+                                                                     copy=copy), 1)
         start = next_index(folder) if index is None else index
         return _atomic_link(tmp, folder, lambda i: image_name(i, settings["seed"], settings["prompt"]), start)
-    except OSError as exc:
-        if exc.errno in DISK_FULL:
-            raise DiskFullError(f"the disk is full: could not write an image in {folder}; nothing was left "
-                                "half-written. Free some space or choose another --out folder") from exc
-        raise
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
 
 
 def parse_a1111(text: str) -> dict:

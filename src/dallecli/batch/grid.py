@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from dallecli.atomic import write_file
 
 
 def contact_sheet(paths: list[Path], out: Path, *, cell: int = 256, max_side: int = 8192) -> Path:
@@ -27,6 +27,7 @@ def contact_sheet(paths: list[Path], out: Path, *, cell: int = 256, max_side: in
 
     Raises:
         ValueError: no paths.
+        DiskFullError: no space left (or quota exceeded); nothing is left.
         OSError: ``out`` cannot be written.
     """
     from PIL import Image, ImageOps
@@ -45,17 +46,4 @@ def contact_sheet(paths: list[Path], out: Path, *, cell: int = 256, max_side: in
             continue
         x, y = (index % columns) * cell, (index // columns) * cell
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out.parent)
-    from dallecli.images import default_mode
-
-    default_mode(Path(tmp))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            sheet.save(handle, format="PNG")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out
+    return write_file(Path(out), lambda handle: sheet.save(handle, format="PNG"), what=f"the contact sheet {out}")

@@ -3,8 +3,12 @@
 The first line is the run header, ``{"type": "run", "base_seed": ..., ...}``, created atomically by whichever
 process comes first (the others read it, so all shards and every resume use the same base seed). Then one line
 per image: ``{"type": "image", "status": "done", "row", "line", "image", "prompt", "seed", <settings>, "path",
-"seconds", ...}`` once the PNG is in place, or ``"status": "failed"`` with ``"error"``. ``path`` is relative to
-the folder; ``seconds`` is the wall time of the image's forward pass divided by the images in it.
+"seconds", ...}`` once the PNG is in place, or ``"status": "failed"`` with ``"error"``. ``path`` is the file's
+name directly inside the folder; a record whose ``path`` is anything else (``../x.png``, an absolute path, a
+sub-folder, a symbolic link) is ignored: nothing outside the folder is ever read or deleted through the manifest.
+``seconds`` is the wall time of the image's forward pass divided by the images in it. The settings include the
+engine's ``dtype``, ``vae``, ``loras`` and ``model_revision``: with the prompt, seed and row settings they are
+the resume key (:data:`dallecli.batch.plan.KEY_FIELDS`).
 
 Each line is appended with one ``write`` on an ``O_APPEND`` descriptor and fsynced, so lines from parallel
 processes never interleave and a line is either whole or absent. Later lines win over earlier ones.
@@ -14,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-from dallecli.batch.plan import record_key
+from dallecli.atomic import write_file
+from dallecli.batch.plan import ADDED_KEY_FIELDS, record_key
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -43,6 +47,7 @@ def start_run(folder: Path, base_seed: int, header: dict | None = None) -> int:
         The base seed recorded in the manifest (``base_seed`` if this call created it).
 
     Raises:
+        DiskFullError: no space left (or quota exceeded).
         OSError: the folder cannot be created or written.
     """
     folder = Path(folder)
@@ -51,28 +56,11 @@ def start_run(folder: Path, base_seed: int, header: dict | None = None) -> int:
     line = _line({"type": "run", "base_seed": base_seed, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   **(header or {})})
     if not path.exists():
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-manifest-", dir=folder)
-        from dallecli.images import default_mode
-
-        default_mode(Path(tmp_name))
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                os.link(tmp_name, path)  # fails if another process made it first
-                return base_seed
-            except FileExistsError:
-                pass
-            except OSError:  # no hard links here: exclusive create instead
-                try:
-                    _write_all(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), line)
-                    return base_seed
-                except FileExistsError:
-                    pass
-        finally:
-            Path(tmp_name).unlink(missing_ok=True)
+        try:  # hard-linked into place: fails if another process made it first
+            write_file(path, line, overwrite=False, what=f"the manifest in {folder}")
+            return base_seed
+        except FileExistsError:
+            pass
     for _ in range(50):  # a manifest made by exclusive create may be empty for a moment
         for record in read_records(folder):
             if record.get("type") == "run" and isinstance(record.get("base_seed"), int):
@@ -111,25 +99,73 @@ def read_records(folder: Path) -> list[dict]:
     return records
 
 
+def image_file(folder: Path, name) -> Path | None:
+    """The file a record's ``path`` names, if it is a plain file directly inside ``folder``; None for anything
+    else (not a string, a separator or ``..`` in it, an absolute path, a symbolic link, missing)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return None
+    path = Path(folder) / name
+    if path.parent != Path(folder) or path.is_symlink() or not path.is_file():
+        return None
+    return path
+
+
 def finished_images(folder: Path, records: list[dict]) -> dict[tuple, list[Path]]:
     """The finished images that are still on disk: job key -> their paths (oldest first).
 
-    An image counts as finished when its latest record is ``"done"`` and its file exists; an image recorded
-    as failed after it was done (or whose file was deleted) is not finished.
+    An image counts as finished when its latest record is ``"done"`` and its file exists inside ``folder``
+    (:func:`image_file`); an image recorded as failed after it was done (or whose file was deleted) is not
+    finished.
+
+    A record written before the key held ``vae``, ``loras`` and ``model_revision`` (a manifest from an older
+    dalle) takes them from its image's own metadata, which has always recorded them: it counts as done for a
+    run with the same VAE, LoRAs and revision, and not for another (a re-run with ``--vae tiny`` makes its
+    images again). A record whose image carries no readable dalle metadata does not count as done.
     """
     latest: dict[tuple, dict] = {}
     paths: dict[tuple, list[Path]] = {}
+    old_latest = {_old_key(r): r for r in records if r.get("type") == "image" and _is_old(r)}
     for record in records:
         if record.get("type") != "image":
             continue
+        if _is_old(record):
+            if old_latest.get(_old_key(record)) is not record or record.get("status") != "done":
+                continue  # an older record of the same image, or a failure: no key to finish
+            record = _completed_from_image(folder, record)
+            if record is None:
+                continue
         key = record_key(record)
         latest[key] = record
-        if record.get("status") == "done" and record.get("path"):
-            path = Path(folder) / record["path"]
-            if path.is_file() and path not in paths.setdefault(key, []):
+        if record.get("status") == "done":
+            path = image_file(folder, record.get("path"))
+            if path is not None and path not in paths.setdefault(key, []):
                 paths[key].append(path)
     return {key: paths[key] for key, record in latest.items()
             if record.get("status") == "done" and paths.get(key)}
+
+
+def _is_old(record: dict) -> bool:
+    return any(name not in record for name in ADDED_KEY_FIELDS)
+
+
+def _old_key(record: dict) -> tuple:
+    return record_key({k: v for k, v in record.items() if k not in ADDED_KEY_FIELDS})
+
+
+def _completed_from_image(folder: Path, record: dict) -> dict | None:
+    """An old record with the key fields it lacks taken from its image's dalle metadata; None when unreadable."""
+    from dallecli.errors import UsageError
+    from dallecli.images import read_metadata
+
+    path = image_file(folder, record.get("path"))
+    try:
+        stored = read_metadata(path) if path is not None else None
+    except UsageError:
+        return None
+    if not stored or stored.get("source") != "dalle" or stored.get("loras"):
+        return None  # dalle batch applied no LoRAs before the key held them
+    return {**record, "vae": stored.get("vae"), "loras": [], "model_revision": stored.get("model_revision"),
+            "dtype": record.get("dtype", stored.get("dtype"))}
 
 
 def _line(record: dict) -> bytes:

@@ -12,6 +12,7 @@ r mod N == I; every process parses and validates the whole file, so they all agr
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -25,7 +26,10 @@ SEED_STRIDE = MAX_IMAGES_PER_ROW
 DEFAULT_BATCH_SIZE = 4
 # the fields that identify a finished image in the manifest (a job with the same values is not redone)
 KEY_FIELDS = ("row", "image", "prompt", "seed", "negative_prompt", "steps", "guidance_scale", "width", "height",
-              "model", "scheduler", "clip_skip", "init_image", "mask", "strength")
+              "model", "scheduler", "clip_skip", "init_image", "mask", "strength",
+              "dtype", "vae", "loras", "model_revision")
+# the fields a manifest written before #18 lacks (dtype was already recorded): see manifest.finished_images
+ADDED_KEY_FIELDS = ("vae", "loras", "model_revision")
 
 
 def image_seed(base_seed: int, row: int, image: int, row_seed: int | None = None) -> int:
@@ -139,14 +143,30 @@ class Settings:
     init_image: str | None = None  # absolute path of the row's init image (image to image; with mask: inpainting)
     mask: str | None = None  # absolute path of the row's mask (white = repaint)
     strength: float | None = None  # the row's denoising strength; None: the task's default
+    # the engine's, the same for every job of a run (engine_identity); part of the resume key
+    dtype: str | None = None  # the resolved dtype ("float32", ...)
+    vae: str | None = None  # the replacement VAE's name (--vae); None for the model's own
+    loras: tuple[tuple[str, float], ...] = ()  # (path or registry name, scale) of each LoRA applied
+    model_revision: str | None = None  # the model's resolved revision (Hub commit, dallecli-VERSION, sha256:...)
 
     def request(self) -> GenerationRequest:
         """These settings as a request for :meth:`~dallecli.engine.generate.Engine.generate_items`."""
+        from dallecli.engine.request import LoraSpec
+
         return GenerationRequest(
             prompt="-", negative_prompt=self.negative_prompt, steps=self.steps, guidance_scale=self.guidance_scale,
             width=self.width, height=self.height, scheduler=None if self.scheduler == "default" else self.scheduler,
             clip_skip=self.clip_skip, image=self.init_image, mask=self.mask, strength=self.strength,
+            loras=tuple(LoraSpec(path, scale) for path, scale in self.loras),
         )
+
+
+def engine_identity(engine, loras: Iterable = ()) -> dict:
+    """The resume-key fields an engine fixes for every image of a run: resolved dtype, ``--vae`` name, LoRAs
+    (``LoraSpec``) and model revision, as :func:`plan_jobs` takes them (nothing loads)."""
+    return {"dtype": engine.dtype, "vae": engine.vae.name if engine.vae is not None else None,
+            "loras": tuple((str(spec.path), float(spec.scale)) for spec in loras),
+            "model_revision": engine.model.revision}
 
 
 @dataclass(frozen=True)
@@ -171,13 +191,21 @@ class Job:
 
 
 def record_key(record: Mapping) -> tuple:
-    """The :data:`KEY_FIELDS` of a manifest record (or of :meth:`Job.fields`), comparable with :meth:`Job.key`."""
-    return tuple(float(record.get(f)) if f == "guidance_scale" and record.get(f) is not None else record.get(f)
-                 for f in KEY_FIELDS)
+    """The :data:`KEY_FIELDS` of a manifest record (or of :meth:`Job.fields`), comparable with :meth:`Job.key`.
+    Any JSON value gives a key (a hand-edited line never crashes a resume; it just matches no job)."""
+    def value(name):
+        found = record.get(name)
+        if name == "guidance_scale" and isinstance(found, (int, float)) and not isinstance(found, bool):
+            return float(found)
+        if isinstance(found, (list, tuple, dict)):  # loras (tuples in a job, lists once read back), or junk
+            return json.dumps(found, sort_keys=True)
+        return found
+
+    return tuple(value(name) for name in KEY_FIELDS)
 
 
 def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: Mapping, model: str,
-              base_seed: int, shard: Shard | None = None) -> list[Job]:
+              base_seed: int, shard: Shard | None = None, identity: Mapping | None = None) -> list[Job]:
     """Every (row, image) job of this shard, in file order, with its settings and seed fixed.
 
     Args:
@@ -187,6 +215,8 @@ def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: 
         model: the model name recorded with each image.
         base_seed: see :func:`image_seed`.
         shard: take only this shard's rows (None: all rows).
+        identity: the engine's dtype, vae, loras and model_revision (:func:`engine_identity`), recorded with
+            each job and part of its resume key.
 
     Returns:
         The jobs; image sizes in pixels (a row with an init image and no size takes the image's, rounded to
@@ -223,7 +253,7 @@ def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: 
             width=int(pick("width", options.width)), height=int(pick("height", options.height)),
             model=model, scheduler=options.scheduler or "default",
             clip_skip=options.clip_skip if options.clip_skip != 1 else None,
-            init_image=init_image, mask=given.get("mask"), strength=given.get("strength"),
+            init_image=init_image, mask=given.get("mask"), strength=given.get("strength"), **(identity or {}),
         )
         for image in range(given.get("n", options.n)):
             seed = image_seed(base_seed, row.row, image, given.get("seed"))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dallecli.batch.manifest import append_record
+from dallecli.batch.manifest import append_record, image_file
 from dallecli.batch.plan import Job
 from dallecli.errors import first_line
 
@@ -60,7 +60,8 @@ def run_jobs(engine, batches: list[list[Job]], folder: Path, *, extra: dict | No
     """Make the images of ``batches`` (one forward pass each), yielding each job's outcome.
 
     Each image is written with :func:`dallecli.images.write_png` (atomic, never overwriting; its file-name
-    number is the row number), then its manifest line is appended. A pass that raises is retried one image at
+    number is the row number, also on a name clash, which tags the name ``.2``, ``.3``, ...), then its
+    manifest line is appended. A pass that raises is retried one image at
     a time, and an image that still fails is recorded as failed; the run goes on. Ctrl-C
     (``KeyboardInterrupt``) propagates: the pass in progress is discarded, finished images stay recorded.
 
@@ -70,7 +71,7 @@ def run_jobs(engine, batches: list[list[Job]], folder: Path, *, extra: dict | No
         folder: the output folder.
         extra: more fields for every manifest line (base_seed, shard, ...).
         replace: ``--overwrite``: job key -> earlier files of that image, deleted just before the new one is
-            written.
+            written (only files directly inside ``folder``: :func:`dallecli.batch.manifest.image_file`).
         on_step: progress callback ``(step, steps)`` after each denoising step.
 
     Raises:
@@ -102,8 +103,10 @@ def _run_batch(engine, batch, folder, extra, replace, on_step):
     for job, result in zip(batch, results):
         settings = result.settings.to_dict()
         for old in replace.get(job.key(), []):
-            old.unlink(missing_ok=True)
-        path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]), index=job.row)
+            if image_file(folder, Path(old).name) == Path(old):  # never a file outside the folder
+                old.unlink(missing_ok=True)
+        path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]), index=job.row,
+                         keep_index=True)
         append_record(folder, {"type": "image", "status": "done", **job.fields(), **extra,
                                "sampler": settings["scheduler"], "dtype": settings["dtype"],
                                "device": settings["device"], "path": path.name, "seconds": round(seconds, 4)})
@@ -143,6 +146,11 @@ def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -
                          for k, v in inputs.items())
         if s.strength is not None:
             expected["strength"] = s.strength
+        # the engine's part of the key: an image made with another dtype, VAE, LoRAs or revision is no orphan
+        expected.update({"vae": s.vae, "model_revision": s.model_revision})
+        if s.dtype is not None:
+            expected["dtype"] = s.dtype
+        same_input = same_input and not s.loras and not (stored or {}).get("loras")
         if stored and same_input and stored.get("source") == "dalle" and all(
                 stored.get(k) == v for k, v in expected.items()):
             append_record(folder, {"type": "image", "status": "done", **job.fields(), **(extra or {}),

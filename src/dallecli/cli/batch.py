@@ -48,7 +48,8 @@ def batch(
 ) -> None:
     """Generate images for every prompt in a file; re-run the same command to resume."""
     from dallecli.batch.manifest import finished_images, manifest_path, read_records, start_run
-    from dallecli.batch.plan import BatchOptions, group_batches, parse_shard, plan_jobs, shard_from_env, split_finished, validate_options
+    from dallecli.batch.plan import (BatchOptions, engine_identity, group_batches, parse_shard, plan_jobs, shard_from_env,
+                                     split_finished, validate_options)
     from dallecli.batch.prompts import read_prompt_file
     from dallecli.batch.run import BatchSummary, adopt_orphans, run_jobs
     from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
@@ -106,7 +107,8 @@ def batch(
 
     recorded = start_run(folder, random_seed() if seed is None else seed, {"source": str(file), "version": __version__})
     base_seed = seed if seed is not None else recorded
-    jobs = plan_jobs(prompts.rows, options, engine.defaults(), engine.model.name, base_seed, shard_spec)
+    jobs = plan_jobs(prompts.rows, options, engine.defaults(), engine.model.name, base_seed, shard_spec,
+                     identity=engine_identity(engine))
     for task in sorted({job.settings.request().resolved_task for job in jobs} - {"txt2img"}):
         engine.check_task(task)  # "MODEL cannot do edit" before the model loads
     extra = {"base_seed": base_seed, "shard": str(shard_spec) if shard_spec else None}

@@ -13,12 +13,6 @@ from dallecli.cli.options import (BatchSize, CacheDir, ClipSkip, Device, Dtype, 
                                   Strength, Vae, Width)
 
 
-def _from_image(path: Path) -> dict:
-    from dallecli.images import read_metadata
-
-    return read_metadata(path)
-
-
 @handles_errors
 def generate(
     prompt: Annotated[Optional[str], typer.Argument(help="What to draw.", show_default=False)] = None,
@@ -50,48 +44,27 @@ def generate(
     """Generate images from a text prompt (or from an init image with --image)."""
     from dallecli.cli.console import out as print_line, out_json
     from dallecli.config import default_output_dir, user_default
-    from dallecli.images import prepare_output_folder
+    from dallecli.images import prepare_output_folder, read_metadata
     from dallecli.engine.request import GenerationRequest, validate_request
     from dallecli.engine.schedulers import validate_scheduler
+    from dallecli.engine.lora import parse_lora
+    from dallecli.engine.replay import merge_stored, replay_inputs, request_fields
     from dallecli.errors import UsageError
 
-    stored = _from_image(from_image) if from_image else {}
-    if stored:
-        prompt = prompt if prompt is not None else stored.get("prompt")
-        negative_prompt = negative_prompt if negative_prompt is not None else stored.get("negative_prompt")
-        seed = seed if seed is not None else stored.get("seed")
-        steps = steps if steps is not None else stored.get("steps")
-        guidance = guidance if guidance is not None else stored.get("guidance_scale")
-        width = width if width is not None else stored.get("width")
-        height = height if height is not None else stored.get("height")
-        if scheduler is None:
-            from dallecli.engine.schedulers import from_a1111_sampler
-
-            scheduler = stored.get("scheduler") or from_a1111_sampler(stored.get("sampler"))
-        model = model if model is not None else stored.get("model")
-        dtype = dtype if dtype is not None else stored.get("dtype")
-        vae = vae if vae is not None else stored.get("vae")
-        clip_skip = clip_skip if clip_skip is not None else stored.get("clip_skip")
-    from dallecli.cli.running import replay_inputs
-
+    stored = read_metadata(from_image) if from_image else {}
+    merged = merge_stored(stored, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                          guidance_scale=guidance, width=width, height=height, model=model, dtype=dtype, vae=vae,
+                          clip_skip=clip_skip, scheduler=scheduler,
+                          loras=tuple(parse_lora(text) for text in lora) if lora else None)
     inputs = replay_inputs(stored, from_image, image, strength)
-    if prompt is None:
+    if merged["prompt"] is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
-    from dallecli.engine.lora import parse_lora
-    from dallecli.engine.request import LoraSpec
-
-    if lora:
-        loras = tuple(parse_lora(text) for text in lora)
-    else:
-        loras = tuple(LoraSpec(e.get("registry") or e["path"], e.get("scale", 1.0)) for e in stored.get("loras") or [])
-    scheduler = scheduler or user_default("scheduler")
-    request = GenerationRequest(
-        prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
-        guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
-        loras=loras, clip_skip=clip_skip, **inputs,
-    )
+    model, dtype, vae = merged["model"], merged["dtype"], merged["vae"]
+    fields = dict(request_fields(merged), scheduler=merged["scheduler"] or user_default("scheduler"),
+                  negative_prompt=merged["negative_prompt"] or None)
+    request = GenerationRequest(num_images=num_images, batch_size=batch_size, **fields, **inputs)
     validate_request(request)  # before any model loads
-    validate_scheduler(scheduler)
+    validate_scheduler(request.scheduler)
     folder = prepare_output_folder(out or default_output_dir())
     if server and request.image is not None:
         raise UsageError("--image (and --from an img2img or edit image) runs locally only; leave out --server")
@@ -112,4 +85,4 @@ def generate(
 
     run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
               vae=vae, low_memory=low_memory, revision=revision,
-              recorded_revision=stored.get("model_revision") if model == stored.get("model") else None)
+              recorded_revision=merged["recorded_revision"])

@@ -1,50 +1,9 @@
 """What ``dalle generate``, ``dalle edit`` and ``dalle variations`` share: run one request on a local engine and
-write its images, and take an image task's inputs back from a ``--from`` image."""
+write its images (a ``--from`` image is replayed by :mod:`dallecli.engine.replay`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def replay_inputs(stored: dict, source: Path | None, image: Path | None, strength: float | None) -> dict:
-    """The init image, mask, strength and task a ``--from`` image recorded, as :class:`GenerationRequest` fields
-    (empty for a text-to-image one). An ``--image`` given on the command line replaces the recorded inputs;
-    the recorded files must still be there with the SHA-256 they had (the engine checks the digests).
-
-    Raises:
-        UsageError: a recorded input file is missing, or its record is damaged.
-    """
-    from dallecli.errors import UsageError
-
-    recorded = stored.get("init_image")
-    if image is not None or not recorded:
-        return {"image": str(image) if image is not None else None, "strength": strength}
-    fields = {"image": recorded.get("path"), "image_sha256": recorded.get("sha256"), "task": stored.get("task"),
-              "strength": strength if strength is not None else stored.get("strength")}
-    mask = stored.get("mask") or {}
-    fields.update(mask=mask.get("path"), mask_sha256=mask.get("sha256"))
-    from dallecli.engine.inputs import is_upload
-
-    for what, path, digest in (("init image", fields["image"], fields["image_sha256"]),
-                               ("mask", fields["mask"], fields["mask_sha256"])):
-        if path is None and digest is None:
-            continue
-        if not isinstance(path, str) or not isinstance(digest, str):
-            raise UsageError(f"{source} has a damaged dalle metadata chunk: its {what} record lacks a path or sha256")
-        if is_upload(path):  # sent to `dalle serve`, which keeps no copy of what clients upload
-            command = {"inpaint": "edit", "variation": "variations"}.get(fields["task"], "generate --image")
-            raise UsageError(f"{source} was made by `dalle serve` from an uploaded {what} ({path}, SHA-256 "
-                             f"{digest[:12]}...) of which no copy was kept, so --from cannot replay it; run `dalle "
-                             f"{command}` on the original file(s) with the recorded seed, or give --image to start "
-                             "from another")
-        try:
-            present = Path(path).is_file()
-        except (OSError, ValueError):  # a NUL byte or an over-long name in a file from anyone
-            present = False
-        if not present:
-            raise UsageError(f"the {what} {path} that {source} was made from is missing; put it back to replay the "
-                             "image (or give --image to start from another)")
-    return fields
 
 
 def run_local(request, folder: Path, *, json_output: bool, model: str | None, device: str | None = None,

@@ -196,11 +196,12 @@ def float32_weight_bytes(folder) -> int | None:
     """Bytes the weights of a pipeline folder take in float32, from the safetensors headers (no tensor is
     read): elements x 4 over every tensor of every component, one variant per component. None when the
     folder has no readable safetensors."""
-    import json
     import re
-    import struct
     from math import prod
     from pathlib import Path
+
+    from dallecli.errors import DalleError
+    from dallecli.weightfiles import read_header
 
     groups: dict[str, dict[str, list[Path]]] = {}
     for path in sorted(Path(folder).rglob("*.safetensors")):
@@ -213,13 +214,9 @@ def float32_weight_bytes(folder) -> int | None:
     total = 0
     for variants in groups.values():
         for path in variants.get("", next(iter(variants.values()))):
-            try:
-                with open(path, "rb") as handle:
-                    (length,) = struct.unpack("<Q", handle.read(8))
-                    if length > path.stat().st_size - 8:  # not a safetensors file (a pickle, a pointer...)
-                        return None
-                    header = json.loads(handle.read(length))
+            try:  # not a complete safetensors file (a pickle, a pointer, a truncated download...): no estimate
+                header = read_header(path)
                 total += sum(4 * prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-            except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError):
+            except (OSError, DalleError, KeyError, TypeError, AttributeError):
                 return None
     return total or None

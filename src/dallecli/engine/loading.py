@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from dallecli.engine.weights import verify_folder
+from dallecli.weightfiles import verify_folder
 from dallecli.store.download import SKIPPED_COMPONENTS, variant_of
 from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError, UsageError, first_line
 
@@ -138,7 +138,7 @@ def _dtype_kwargs(dtype: str) -> dict:
 def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "fp16", *, offload: bool = False):
     """Load (or reuse) the pipeline in ``folder`` on ``device`` in ``dtype``.
 
-    Every weights file is checked by content first (:func:`dallecli.engine.weights.verify_folder`), then
+    Every weights file is checked by content first (:func:`dallecli.weightfiles.verify_folder`), then
     ``DiffusionPipeline.from_pretrained(..., use_safetensors=True)`` loads it; remote code is never trusted.
     Weights are materialised once, straight in ``dtype`` (diffusers' ``low_cpu_mem_usage`` path through
     accelerate: no random initialisation, no second copy). On the CPU, torch's threads follow
@@ -244,7 +244,7 @@ def load_vae(folder: Path, device: str, dtype: str):
     ``AutoencoderKL``) on ``device`` in ``dtype``; cached like :func:`load_pipeline`.
 
     Raises:
-        UnsafeWeightsError, CorruptWeightsError: as :func:`dallecli.engine.weights.verify_folder`.
+        UnsafeWeightsError, CorruptWeightsError: as :func:`dallecli.weightfiles.verify_folder`.
         ModelNotFoundError: not a VAE folder diffusers can load.
     """
     key = ("vae", str(folder.resolve()), device, dtype)

@@ -80,15 +80,13 @@ def read_lora(path: Path) -> dict:
         CorruptWeightsError: truncated, trailing bytes, or not safetensors.
         LoraError: an unreadable ``lora_adapter_metadata`` header.
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from dallecli.engine.weights import verify_safetensors
+    from dallecli.weightfiles import read_header
 
-    verify_safetensors(path)
+    stored = read_header(path).get("__metadata__")
     state = load_file(str(path), device="cpu")
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get("lora_adapter_metadata")
+    raw = stored.get("lora_adapter_metadata") if isinstance(stored, dict) else None
     if not raw:
         return state
     try:

@@ -118,45 +118,61 @@ def check_scheduler(name: str | None, base_config: dict, steps: int) -> None:
         UsageError: the scheduler does not fit the model (see :func:`make_scheduler`), cannot plan ``steps``
             (:func:`check_steps`), or would repeat timesteps.
     """
-    if name in (None, "default"):
+    if name in (None, "default"):  # the model's own: check_steps once it is loaded (some need the pipeline's mu)
         return
     scheduler = make_scheduler(name, base_config)
+    sigma_spacing = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+    if any(scheduler.config.get(key) for key in sigma_spacing):  # respaced sigmas can collapse: say why
+        distinct = distinct_timesteps(scheduler, steps)
+        if distinct is not None and distinct < steps:
+            instead = name.removesuffix("-karras") if name.endswith("-karras") else "another --scheduler"
+            raise UsageError(f"--scheduler {name} plans only {distinct} distinct timesteps of {steps} on this "
+                             f"model's {base_config.get('beta_schedule', '')} noise schedule; use {instead}")
     check_steps(scheduler, steps)
+
+
+def distinct_timesteps(scheduler, steps: int) -> int | None:
+    """How many different timesteps ``scheduler`` plans for ``steps`` (on a copy); None when it cannot plan them."""
     import copy
 
-    sigma_spacing = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-    if not any(scheduler.config.get(key) for key in sigma_spacing):
-        return  # PNDM repeats timesteps by design (its warm-up): only respaced sigmas can collapse
     planned = copy.deepcopy(scheduler)
-    planned.set_timesteps(steps)
-    timesteps = [float(t) for t in planned.timesteps]
-    if len(set(timesteps)) < len(timesteps):
-        instead = name.removesuffix("-karras") if name.endswith("-karras") else "another --scheduler"
-        raise UsageError(f"--scheduler {name} plans only {len(set(timesteps))} distinct timesteps of {steps} on this "
-                         f"model's {base_config.get('beta_schedule', '')} noise schedule; use {instead}")
+    try:
+        planned.set_timesteps(steps)
+    except (ValueError, IndexError, ZeroDivisionError):
+        return None
+    return len({float(t) for t in planned.timesteps})
 
 
 def check_steps(scheduler, steps: int) -> None:
-    """Check that ``scheduler`` can plan ``steps`` denoising steps (on a copy; the scheduler is not changed).
+    """Check that ``scheduler`` can plan ``steps`` denoising steps, each at its own timestep (on a copy; the
+    scheduler is not changed), so that every step asked for runs and the image records how many did.
 
     Some cannot: PNDM with its Runge-Kutta warm-up (``skip_prk_steps`` false) fails below 4 steps with a numpy
-    broadcasting error deep inside diffusers.
+    broadcasting error deep inside diffusers. Some plan a timestep twice, which leaves fewer distinct steps
+    than asked and breaks the multistep solvers (a zero step size: NaN): in diffusers 0.42.1, DPM++ and UniPC
+    at 1000 steps (and only there, of 1-1000) plan timestep 500 twice on SD 1.5's and 2.x's schedules (999
+    distinct) and one timestep 1000 times on SDXL's ``leading`` spacing.
+    Schedulers that repeat timesteps by design (PNDM's warm-up, Heun's and KDPM2's second stages) still plan
+    at least ``steps`` distinct ones. No supported scheduler plans fewer timesteps than asked
+    (``tests/test_generate.py`` guards it).
 
     Raises:
         UsageError: naming the scheduler, the steps asked for and what to do.
     """
-    import copy
+    distinct = distinct_timesteps(scheduler, steps)
+    name = type(scheduler).__name__
+    if distinct is not None and distinct < steps:
+        fewer = next((n for n in range(steps - 1, max(0, steps - 100), -1)  # the nearest count that fits
+                      if (distinct_timesteps(scheduler, n) or 0) >= n), None)
+        instead = f"use --steps {fewer} or another --scheduler" if fewer else "use another --scheduler"
+        raise UsageError(f"--steps {steps} makes the {name} scheduler plan only {distinct} distinct timesteps on "
+                         f"this model's schedule (a repeated timestep breaks the solver); {instead}")
+    if distinct is not None:
+        return
 
     def plans(n: int) -> bool:
-        try:
-            copy.deepcopy(scheduler).set_timesteps(n)
-        except (ValueError, IndexError, ZeroDivisionError):
-            return False
-        return True
+        return distinct_timesteps(scheduler, n) is not None
 
-    if plans(steps):
-        return
-    name = type(scheduler).__name__
     least = next((n for n in range(steps + 1, 51) if plans(n)), None)
     need = f"it needs at least {least}" if least else "it cannot plan that many"
     raise UsageError(f"--steps {steps} does not fit the {name} scheduler ({need}); use more steps or another "

@@ -24,16 +24,14 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
-import struct
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from dallecli.engine.weights import MAX_HEADER_BYTES, verify_safetensors
-from dallecli.errors import ModelNotFoundError, first_line
+from dallecli.weightfiles import read_header as raw_header
+from dallecli.atomic import staged_folder, write_file
+from dallecli.errors import DiskFullError, ModelNotFoundError, first_line
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -101,23 +99,14 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         UnsafeWeightsError: the content is a pickle, whatever the name.
         CorruptWeightsError: truncated, a Git LFS pointer or not safetensors.
     """
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in _raw_header(path).items()
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in raw_header(path).items()
             if k != "__metadata__" and isinstance(v, dict) and "shape" in v}
 
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The ``__metadata__`` strings of a safetensors file (empty when it has none)."""
-    meta = _raw_header(path).get("__metadata__")
+    meta = raw_header(path).get("__metadata__")
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
-
-
-def _raw_header(path: Path) -> dict:
-    verify_safetensors(path)
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > MAX_HEADER_BYTES:  # pragma: no cover - sniff refuses it first
-            raise ModelNotFoundError(f"{path.name}: safetensors header too large")
-        return json.loads(handle.read(length))
 
 
 def _blocks(keys, prefix: str) -> list[int]:
@@ -393,25 +382,19 @@ def materialise(model: SingleFile, root: Path | None = None) -> Path:
     folder = (root or cache_root()) / f"{model.config_name}-{digest}"
     if (folder / "model_index.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     try:
-        vocab, merges = clip_bpe_files()
-        for relative, text in files.items():
-            target = work / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-        for tokenizer in (p for p in work.iterdir() if p.is_dir() and p.name.startswith("tokenizer")):
-            (tokenizer / "vocab.json").write_text(vocab, encoding="utf-8")
-            (tokenizer / "merges.txt").write_text(merges, encoding="utf-8")
-        try:
-            os.replace(work, folder)
-        except OSError:  # another process got there first
-            if not (folder / "model_index.json").exists():
-                raise
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+        with staged_folder(folder, overwrite=False, what=f"a model folder in {folder.parent}") as work:
+            vocab, merges = clip_bpe_files()
+            for relative, text in files.items():
+                target = work / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+            for tokenizer in (p for p in work.iterdir() if p.is_dir() and p.name.startswith("tokenizer")):
+                (tokenizer / "vocab.json").write_text(vocab, encoding="utf-8")
+                (tokenizer / "merges.txt").write_text(merges, encoding="utf-8")
+    except FileExistsError:  # another process got there first
+        if not (folder / "model_index.json").exists():
+            raise
     return folder
 
 
@@ -431,11 +414,8 @@ def file_digest(path: Path) -> str:
             sha.update(chunk)
     value = f"sha256:{sha.hexdigest()}"
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(value, encoding="utf-8")
-        os.replace(tmp, memo)
-    except OSError:
+        write_file(memo, value)
+    except (OSError, DiskFullError):  # only a memo: the next call hashes again
         pass
     return value
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from dallecli.engine.weights import PICKLE_SUFFIXES, sniff, verify_safetensors
+from dallecli.atomic import write_file
+from dallecli.weightfiles import PICKLE_SUFFIXES, sniff, verify_safetensors
 from dallecli.errors import (
     AuthError,
     CorruptWeightsError,
@@ -552,13 +553,9 @@ def _record_ref(plan: DownloadPlan, cache_dir: Path | None) -> None:
         return
     refs = snapshot_folder(plan.repo_id, plan.commit, cache_dir).parent.parent / "refs"
     ref = refs / plan.revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
     if ref.is_file() and ref.read_text(encoding="utf-8").strip() == plan.commit:
         return
-    fd, tmp = tempfile.mkstemp(dir=ref.parent, prefix=".ref-")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(plan.commit)
-    os.replace(tmp, ref)
+    write_file(ref, plan.commit, what=f"the {plan.revision} reference in the model cache")
 
 
 def is_embedded(name: str) -> bool:

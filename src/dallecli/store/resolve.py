@@ -16,7 +16,7 @@ from pathlib import Path
 from dallecli import __version__
 from dallecli.errors import ModelNotFoundError, UnsafeWeightsError, UsageError
 from dallecli.store.registry import EMBEDDED, PIPELINE_KINDS, ModelSpec, canonical_name, lookup
-from dallecli.engine.weights import PICKLE_SUFFIXES
+from dallecli.weightfiles import PICKLE_SUFFIXES
 
 
 @dataclass(frozen=True)

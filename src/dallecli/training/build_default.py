@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dallecli.atomic import staged_folder
 from dallecli.engine.known_words import words_of
 from dallecli.training import shapes
 from dallecli.training.autoencoder import AutoencoderConfig, train_autoencoder
@@ -228,22 +229,20 @@ def main(argv: list[str] | None = None) -> None:
     stages.append(result.record)
 
     # 6. save the averaged weights as the pipeline, with how it was made
-    staging = args.out.with_name(args.out.name + ".tmp")
-    save_pipeline(result.trainer, unet, text_encoder, tokenizer, vae, scheduler_config, staging)
-    record = {
-        "command": "python -m dallecli.training.build_default " + " ".join(sys.argv[1:] if argv is None else argv),
-        "data_seed": args.seed, "images": args.images, "steps": sum(stage["steps"] for stage in stages),
-        "batch_size": args.batch_size, "autoencoder": vars(ae_config), "stages": stages,
-        "wall_time_s": sum(stage["wall_time_s"] for stage in stages), "torch": torch.__version__,
-        "held_out": sorted(" ".join(p) for p in shapes.HELD_OUT_PAIRS) + ["yellow on blue background"],
-        # what the model can be asked for: `dalle generate` warns about prompt words outside these
-        "subject": SUBJECT, "words": sorted({word for text in captions for word in words_of(text)}),
-    }
-    (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    # The full log (every stage, loss and steps/s, with times, across interruptions and resumes).
-    shutil.copyfile(work / "log.txt", staging / "training-log.txt")
-    shutil.rmtree(args.out, ignore_errors=True)
-    staging.rename(args.out)
+    with staged_folder(args.out) as staging:  # replaces args.out in one rename when everything is written
+        save_pipeline(result.trainer, unet, text_encoder, tokenizer, vae, scheduler_config, staging)
+        record = {
+            "command": "python -m dallecli.training.build_default " + " ".join(sys.argv[1:] if argv is None else argv),
+            "data_seed": args.seed, "images": args.images, "steps": sum(stage["steps"] for stage in stages),
+            "batch_size": args.batch_size, "autoencoder": vars(ae_config), "stages": stages,
+            "wall_time_s": sum(stage["wall_time_s"] for stage in stages), "torch": torch.__version__,
+            "held_out": sorted(" ".join(p) for p in shapes.HELD_OUT_PAIRS) + ["yellow on blue background"],
+            # what the model can be asked for: `dalle generate` warns about prompt words outside these
+            "subject": SUBJECT, "words": sorted({word for text in captions for word in words_of(text)}),
+        }
+        (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        # The full log (every stage, loss and steps/s, with times, across interruptions and resumes).
+        shutil.copyfile(work / "log.txt", staging / "training-log.txt")
     say(f"wrote {args.out} ({record['steps']} steps, {time.time() - started:.0f} s)")
 
 

@@ -7,31 +7,18 @@ crash never leaves a half-written checkpoint that ``--resume`` would pick. Nothi
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dallecli.images import default_mode
-from dallecli.errors import CheckpointError, DiskFullError
+from dallecli.atomic import staged_folder
+from dallecli.errors import CheckpointError
 
 PREFIX = "step-"
-DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left, quota exceeded
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """True for "no space left on device" or "quota exceeded", whether raised by Python (``OSError``) or
-    by safetensors' Rust writer (an error whose text carries the OS error)."""
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-        return True
-    text = str(exc)
-    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
 
 
 def _flatten(value: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -80,24 +67,10 @@ def save_checkpoint(root: Path, step: int, state: dict[str, Any], keep: int = 2)
     final = root / f"{PREFIX}{step:07d}"
     tensors: dict[str, torch.Tensor] = {}
     meta = _flatten(state, "s", tensors)
-    staging = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        default_mode(staging, directory=True)
+    with staged_folder(final, what=f"checkpoint {final.name} in {root}",
+                       advice="Older checkpoints are kept; free some space, then re-run with --resume") as staging:
         save_file(tensors, staging / "state.safetensors")
         (staging / "state.json").write_text(json.dumps({"step": step, "state": meta}), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    except BaseException as exc:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        if is_disk_full(exc):
-            raise DiskFullError(f"the disk is full: could not write checkpoint {final.name} in {root}; nothing "
-                                "was left half-written and older checkpoints are kept. Free some space, then "
-                                "re-run with --resume") from exc
-        raise
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -24,20 +24,20 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dallecli.images import default_mode, prepare_output_folder
+from dallecli.atomic import place, staged_file, staged_folder, write_file
+from dallecli.images import prepare_output_folder
 from dallecli import __version__
 from dallecli.errors import DatasetError, LoraError, UsageError
 from dallecli.training.dataset import FolderScan, check_captions, scan_folder
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+RESUME_ADVICE = "Free some space, then re-run with --resume"  # what to do when the disk fills up
 LORA_FILE = "lora.safetensors"
 KOHYA_FILE = "lora.kohya.safetensors"
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -186,6 +186,58 @@ def validate(config: FinetuneConfig) -> None:
             raise UsageError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
 
 
+def check_output(config: FinetuneConfig) -> Path:
+    """Check, before the data is scanned and anything loads, that the output folder takes what the run writes:
+    the folder can be made or written (:func:`dallecli.images.prepare_output_folder`, which writes a probe
+    file into a folder that exists), the subfolders it writes into (``checkpoints/``, ``samples/``) are
+    writable folders where they exist, and the result's names (``lora.safetensors``, ``model/``) are free for
+    it (a folder where a file goes, or the reverse, failed only after the training).
+
+    Returns:
+        The output folder (not created).
+
+    Raises:
+        UsageError: naming ``--output`` and what is in the way.
+    """
+    output = prepare_output_folder(config.output_dir(), "--output")
+    subfolders = ["checkpoints"] + (["samples"] if config.sample_prompts else []) + (["model"] if config.full else [])
+    for name in subfolders:
+        if (output / name).exists() or (output / name).is_symlink():
+            prepare_output_folder(output / name, "--output")
+    files = [] if config.full else [LORA_FILE] + ([KOHYA_FILE] if config.export_kohya else [])
+    for name in files:
+        if (output / name).is_dir():
+            raise UsageError(f"--output {output}: {output / name} is a folder, where the run writes a file; "
+                             "move it or choose another --output")
+    return output
+
+
+def check_model(model: str | None, revision: str | None = None, cache_dir: Path | None = None):
+    """Resolve ``model`` and check from its ``model_index.json`` alone (no weights read) that dalle finetune
+    trains it.
+
+    Returns:
+        The :class:`~dallecli.store.resolve.ResolvedModel`.
+
+    Raises:
+        ModelNotFoundError: not downloaded (the message names the ``dalle download`` command).
+        UsageError: a single-file checkpoint, or a pipeline without one UNet and one text encoder.
+    """
+    from dallecli.store.download import pipeline_components
+    from dallecli.store.resolve import resolve_model
+
+    resolved = resolve_model(model, cache_dir=cache_dir, revision=revision)
+    if resolved.single_file:
+        raise UsageError(f"dalle finetune needs a diffusers folder or a downloaded model; {resolved.name} is a "
+                         "single-file checkpoint (dalle generate takes those)")
+    index = json.loads((resolved.path / "model_index.json").read_text(encoding="utf-8"))
+    loaded = set(pipeline_components(index))
+    if "unet" not in loaded or {"text_encoder_2", "text_encoder_3", "transformer"} & loaded:
+        raise UsageError(f"{resolved.name} ({index.get('_class_name')}) is not supported by dalle finetune: it trains "
+                         "UNet pipelines with one text encoder (Stable Diffusion 1.x/2.x-like, the embedded model)")
+    return resolved
+
+
 def _emit(hook, *args) -> None:
     """Call ``hook`` on the main process only (told by the launcher's RANK, so nothing heavy is imported)."""
     if hook is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -230,30 +282,9 @@ def header_metadata(**values) -> dict[str, str]:
 def _atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    default_mode(Path(tmp))
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        from dallecli.errors import DiskFullError
-        from dallecli.training.checkpoint import is_disk_full
-
-        if is_disk_full(exc):
-            raise DiskFullError(f"the disk is full: could not write {path}; nothing was left half-written. "
-                                "Free some space, then re-run with --resume") from exc
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    default_mode(Path(tmp))
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    with staged_file(path.parent, ".safetensors", what=str(path), advice=RESUME_ADVICE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        place(tmp, path)
 
 
 def load_components(model: str | None, revision: str | None = None, cache_dir: Path | None = None):
@@ -267,19 +298,9 @@ def load_components(model: str | None, revision: str | None = None, cache_dir: P
         UsageError: the pipeline has no UNet/VAE/text encoder of the supported kind.
     """
     from dallecli.engine.loading import pretrained_kwargs, quiet_libraries
-    from dallecli.engine.weights import verify_folder
-    from dallecli.store.download import pipeline_components
-    from dallecli.store.resolve import resolve_model
+    from dallecli.weightfiles import verify_folder
 
-    resolved = resolve_model(model, cache_dir=cache_dir, revision=revision)
-    if resolved.single_file:
-        raise UsageError(f"dalle finetune needs a diffusers folder or a downloaded model; {resolved.name} is a "
-                         "single-file checkpoint (dalle generate takes those)")
-    index = json.loads((resolved.path / "model_index.json").read_text(encoding="utf-8"))
-    loaded = set(pipeline_components(index))
-    if "unet" not in loaded or {"text_encoder_2", "text_encoder_3", "transformer"} & loaded:
-        raise UsageError(f"{resolved.name} ({index.get('_class_name')}) is not supported by dalle finetune: it trains "
-                         "UNet pipelines with one text encoder (Stable Diffusion 1.x/2.x-like, the embedded model)")
+    resolved = check_model(model, revision, cache_dir)
     verify_folder(resolved.path)
     quiet_libraries()
     from diffusers import DiffusionPipeline
@@ -439,18 +460,20 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
         A :class:`FinetuneResult`.
 
     Raises:
-        UsageError: a bad option value; the output already holds checkpoints and ``resume`` is off.
+        UsageError: a bad option value, an output folder that cannot be written (:func:`check_output`), a model
+            finetune does not train; the output already holds checkpoints and ``resume`` is off. All before the
+            data is scanned.
         DatasetError: no usable image, or missing captions (before any model loads).
-        ModelNotFoundError, UnsafeWeightsError, CorruptWeightsError: the model cannot be loaded.
+        ModelNotFoundError: the model is not downloaded (before the data is scanned).
+        UnsafeWeightsError, CorruptWeightsError: the model cannot be loaded.
         CheckpointError: ``resume`` with a checkpoint made for another model or rank.
         TrainingDivergedError: the loss became NaN/Inf; names the step; nothing is written after it.
     """
     hooks = hooks or FinetuneHooks()
+    # 1. every check that needs neither the data nor the weights: options, output folder, model, checkpoints
     validate(config)
-    scan = scan_folder(config.data_dir, config.caption, config.caption_prefix)
-    _emit(hooks.scanned, scan)
-    check_captions(scan, config.allow_missing_captions)
-    output = prepare_output_folder(config.output_dir(), "--output")  # a file there is a usage error, up front
+    output = check_output(config)
+    check_model(config.model, config.revision, config.cache_dir)
     checkpoints = output / "checkpoints"
     from dallecli.training.checkpoint import list_checkpoints
 
@@ -458,6 +481,9 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
     if existing and not config.resume:
         raise UsageError(f"{output} already holds checkpoints (latest {existing[-1].name}); add --resume to "
                          "continue that run, or choose another --output")
+    scan = scan_folder(config.data_dir, config.caption, config.caption_prefix)
+    _emit(hooks.scanned, scan)
+    check_captions(scan, config.allow_missing_captions)
 
     import torch
     from diffusers import DDPMScheduler
@@ -545,12 +571,9 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
     if state.is_main_process:
         if config.full:
             model_path = output / "model"
-            staging = output / ".model.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            pipe.save_pretrained(staging, safe_serialization=True)
-            _atomic_write_text(staging / "training.json", json.dumps(metadata, indent=2) + "\n")
-            shutil.rmtree(model_path, ignore_errors=True)
-            os.replace(staging, model_path)
+            with staged_folder(model_path, what=f"the model in {output}", advice=RESUME_ADVICE) as staging:
+                pipe.save_pretrained(staging, safe_serialization=True)
+                (staging / "training.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         else:
             lora_path, kohya_path = write_lora(pipe, output, metadata, alpha / config.rank,
                                                config.train_text_encoder, config.export_kohya)
@@ -564,7 +587,7 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
         processes=state.num_processes, samples=samples,
     )
     if state.is_main_process:
-        _atomic_write_text(output / "training.json", json.dumps(
+        write_file(output / "training.json", json.dumps(
             {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
              "result": summary.to_dict()}, indent=2) + "\n")
     return summary
