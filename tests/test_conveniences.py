@@ -132,7 +132,8 @@ def test_doctor_text_names_the_auto_choice_and_survives_a_broken_config(monkeypa
     result = invoke("doctor")
     assert result.exit_code == 0
     assert "cuda:0: Test GPU, 24.0 GB VRAM (20.0 GB free), compute 8.9, bfloat16" in result.stdout
-    assert "cpu: x86_64, 1 threads (2 physical core(s), 1.0 kept busy by other processes)" in result.stdout
+    assert "cpu: x86_64, 1 thread (2 physical core(s), 1.0 kept busy by other processes; DALLE_THREADS overrides)" \
+        in result.stdout
     assert "auto " in result.stdout and str(path) in result.stdout and "(invalid)" in result.stdout
     assert "not valid TOML" in result.stderr
 

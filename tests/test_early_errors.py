@@ -82,3 +82,24 @@ def test_a_registry_vae_of_another_family_is_refused():
     with pytest.raises(UsageError, match="made for sdxl models; this model is stable-diffusion"):
         check_vae_fits(Engine(None, "cpu").model.path, Engine(None, "cpu").model.path / "vae", "taesdxl",
                        model_family="stable-diffusion", vae_family="sdxl")
+
+
+def test_a_lora_that_is_not_safetensors_fails_before_loading(tmp_path, no_loading):
+    from dallecli.errors import CorruptWeightsError
+
+    picture = tmp_path / "notes.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    engine = Engine(None, "cpu")
+    with pytest.raises(CorruptWeightsError):
+        engine.plan(GenerationRequest("a red circle", loras=(LoraSpec(str(picture)),)))
+    assert engine._pipe is None
+
+
+def test_the_floor_of_a_vae_that_cannot_tile_counts_the_whole_decode():
+    from dallecli.engine.memory import low_memory_floor_bytes, vae_can_tile
+    from dallecli.store.resolve import embedded_model_path
+
+    assert not vae_can_tile(embedded_model_path())
+    tiled = low_memory_floor_bytes(0, "float32", 8192, 8192, 1, True, 0.1)
+    whole = low_memory_floor_bytes(0, "float32", 8192, 8192, 1, True, 0.1, tiles=False)
+    assert whole > 3 * tiled

@@ -128,11 +128,19 @@ def test_batch_names_unknown_words_once_for_the_run(tmp_path):
     assert len([r for r in records if r.get("status") == "done"]) == 3
 
 
-def test_a_size_far_from_the_models_own_gets_one_warning():
+def test_a_size_far_from_the_models_own_gets_one_warning(tmp_path):
     """#19 item 10: 512x512 on the 64-pixel embedded model draws tiled nonsense; say so once."""
     engine = Engine()
     _, far = engine.prompt_warnings(GenerationRequest("a red circle", width=512, height=512))
     assert len(far) == 1 and "512x512 is far from the 64x64 shapes was trained at" in far[0]
+    assert "leave out --width/--height" in far[0]
+    # the size of an init image: the advice is to give a size, not to leave one out
+    from PIL import Image
+
+    Image.new("RGB", (512, 512), "white").save(tmp_path / "big.png")
+    big = GenerationRequest("a red circle", width=512, height=512, image=str(tmp_path / "big.png"))
+    _, from_image = engine.prompt_warnings(big)
+    assert "give --width/--height near it: the input image is resized to them" in from_image[0]
     for width, height in ((64, 64), (96, 64), (64, 120)):
         _, near = engine.prompt_warnings(GenerationRequest("a red circle", width=width, height=height))
         assert near == [], (width, height)

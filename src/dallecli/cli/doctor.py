@@ -26,7 +26,9 @@ def _render(report: dict) -> list[str]:
             facts += [f"{_size(device['memory_bytes'])} VRAM ({_size(device['free_memory_bytes'])} free)",
                       f"compute {device['capability']}", "bfloat16" if device["bf16"] else "no bfloat16"]
         elif device["kind"] == "cpu":
-            facts.append(f"{device['threads']} threads ({device['threads_reason']})")
+            count = device['threads']
+            facts.append(f"{count} thread{'' if count == 1 else 's'} ({device['threads_reason']}; "
+                         "DALLE_THREADS overrides)")
         lines.append(f"{'devices' if i == 0 else '':<16} {device['name']}: {', '.join(facts)}")
     auto = report["auto"]
     if auto:

@@ -14,13 +14,14 @@ from dallecli.engine.known_words import training_vocabulary, unknown_words
 from dallecli.engine.loading import (check_vae_fits, component_class_name, default_size, load_pipeline, load_vae,
                                      pipeline_class_name, with_vae)
 from dallecli.engine.memory import (MemoryChoice, activation_scale, apply_memory_mode, available_bytes, check_feasible,
-                                    choose_low_memory, estimate_bytes, low_memory_floor_bytes)
+                                    choose_low_memory, estimate_bytes, low_memory_floor_bytes, vae_can_tile)
 from dallecli.engine.request import (RANDOM_SEED, GenerationRequest, ImageSettings, MAX_SEED, effective_steps,
                                      validate_request)
 from dallecli.engine.schedulers import check_scheduler, check_steps, make_scheduler, scheduler_name, validate_scheduler
 from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError, first_line
 from dallecli.store.registry import PIPELINE_FAMILIES, defaults_for, tiny_decoder_for
 from dallecli.store.resolve import ResolvedModel, resolve_lora, resolve_model, resolve_vae
+from dallecli.weightfiles import verify_safetensors
 
 INPUTS_KEPT = 8  # init images (and masks) an engine keeps read: the requests being planned and run
 StepCallback = Callable[[int, int], None]  # (steps done in this batch, steps per batch)
@@ -192,7 +193,9 @@ class Engine:
             scale = activation_scale(self.model.path) if not self.model.single_file else 1.0
             shape = (self.weight_bytes or 0, self.dtype, width, height, images, guidance, scale)
             if self.low_memory is not False:  # a hopeless pass is refused before anything loads
-                check_feasible(low_memory_floor_bytes(*shape), self._available, self.device, width, height, images)
+                tiles = self.model.single_file or vae_can_tile(self.model.path)
+                check_feasible(low_memory_floor_bytes(*shape, tiles=tiles), self._available, self.device, width,
+                               height, images)
             needed = estimate_bytes(*shape) if self.low_memory is None else 0
             available = self._available if self.low_memory is None else None
             self._memory[key] = choose_low_memory(self.low_memory, needed, available, self.device, width, height)
@@ -368,8 +371,8 @@ class Engine:
             import json
 
             check_scheduler(request.scheduler, json.loads(own_scheduler.read_text(encoding="utf-8")), request.steps)
-        for spec in request.loras:  # a registry LoRA that is not downloaded fails before the model loads
-            resolve_lora(spec.path, self.cache_dir)
+        for spec in request.loras:  # a LoRA that is missing, not downloaded or not safetensors fails before loading
+            verify_safetensors(resolve_lora(spec.path, self.cache_dir)[0])
         seed = random_seed() if request.seed in (None, RANDOM_SEED) else request.seed
         request = replace(request, seed=seed, batch_size=request.batch_size or 1)
         return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
@@ -469,9 +472,11 @@ class Engine:
         if request.width and request.height and any(
                 max(asked, own) >= 2 * min(asked, own)
                 for asked, own in ((request.width, native["width"]), (request.height, native["height"]))):
+            advice = ("give --width/--height near it: the input image is resized to them" if request.image else
+                      "leave out --width/--height for its own size")
             warnings.append(f"{request.width}x{request.height} is far from the {native['width']}x{native['height']} "
-                            f"{self.model.name} was trained at: expect repeated or broken subjects (leave out "
-                            "--width/--height for its own size)")
+                            f"{self.model.name} was trained at: expect repeated or broken subjects, and a slow run "
+                            f"({advice})")
         if request.negative_prompt and request.guidance_scale is not None and request.guidance_scale <= 1:
             warnings.append(f"--negative-prompt has no effect with guidance {request.guidance_scale:g} "
                             "(classifier-free guidance needs a scale above 1)")

@@ -181,7 +181,9 @@ def _open(path: Path | Upload, what: str):
             opened.load()
             upright = ImageOps.exif_transpose(opened)
             upright.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:  # PIL's message names the file object (a BytesIO's address for an upload)
+        raise UsageError(f"{what} {path} is not a readable image (not a format Pillow knows)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UsageError(f"{what} {path} is not a readable image ({first_line(exc)})") from None
     return upright
 

@@ -83,12 +83,13 @@ def activation_scale(model_folder) -> float:
 
 
 def low_memory_floor_bytes(weight_bytes_fp32: int, dtype: str, width: int, height: int, images: int,
-                           guidance: bool, scale: float = 1.0) -> int:
+                           guidance: bool, scale: float = 1.0, *, tiles: bool = True) -> int:
     """What a pass needs at least with every low-memory technique on, bytes: the weights, the UNet's activations,
-    and, with VAE tiling (above :data:`TILING_MIN_PIXELS`), one 512x512 tile's decoder instead of the image's."""
+    and, with VAE tiling (above :data:`TILING_MIN_PIXELS`, when the VAE ``tiles``: :func:`vae_can_tile`), one
+    512x512 tile's decoder instead of the image's."""
     weights = weight_bytes_fp32 * DTYPE_BYTES.get(dtype, 4) / 4
     full = _activations(dtype, width, height, images, guidance, scale)
-    if width * height <= TILING_MIN_PIXELS:
+    if width * height <= TILING_MIN_PIXELS or not tiles:
         return int(weights + full)
     tile = _activations(dtype, 512, 512, 1, False, scale) * VAE_SHARE
     return int(weights + full * (1 - VAE_SHARE) + tile)
@@ -163,11 +164,29 @@ def available_bytes(device: str, meminfo: str = "/proc/meminfo") -> int | None:
     return None
 
 
-def _tiling_fits(vae) -> bool:
+def vae_can_tile(model_folder) -> bool:
+    """:func:`_tiling_fits` from the model's ``vae/config.json`` alone (before anything loads); True when unread."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    try:
+        config = json.loads((Path(model_folder) / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    if config.get("_class_name") != "AutoencoderTiny":
+        return True
+    tiny = SimpleNamespace(upsampling_scaling_factor=config.get("upsampling_scaling_factor", 2),
+                           decoder_block_out_channels=config.get("decoder_block_out_channels", (64, 64, 64, 64)))
+    return _tiling_fits(SimpleNamespace(config=tiny, spatial_scale_factor=2 ** config.get("out_channels", 3)),
+                        tiny=True)
+
+
+def _tiling_fits(vae, *, tiny: bool = False) -> bool:
     """Whether diffusers' tiled decode works for ``vae``: ``AutoencoderTiny`` tiles assume an 8x decoder
     (``spatial_scale_factor = 2**out_channels``), so a tiny VAE that upsamples otherwise (the embedded model's
     decodes 4x) fails at the first tile seam; it is decoded whole instead."""
-    if type(vae).__name__ != "AutoencoderTiny":
+    if not tiny and type(vae).__name__ != "AutoencoderTiny":
         return True
     config = vae.config
     actual = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
