@@ -81,6 +81,22 @@ def test_csv_malformed_rows_have_line_numbers():
     assert "guidance" in messages[7]
 
 
+def test_row_ranges_are_the_engines():
+    """A row is range-checked by the engine's own field check; only its label and the row's n limit differ."""
+    from dallecli.engine.request import MAX_SEED, MAX_STEPS, field_problem
+
+    data = f"prompt,steps,guidance,seed,height\na,{MAX_STEPS + 1},,,\nb,,101,,\nc,,,{MAX_SEED + 1},\nd,,,,8200\n"
+    messages = [bad.message for bad in parse_prompts(data.encode(), "csv").invalid]
+    assert messages == [field_problem("steps", MAX_STEPS + 1, label="steps"),
+                        field_problem("guidance", 101.0, label="guidance"),
+                        field_problem("seed", MAX_SEED + 1, label="seed", random_seed=False),
+                        field_problem("height", 8200, label="height")]
+    assert messages[0] == field_problem("steps", MAX_STEPS + 1).replace("--steps", "steps")
+    assert "random" not in messages[2] and "-1 for a random seed" in field_problem("seed", MAX_SEED + 1)
+    assert [bad.message for bad in parse_prompts(b"prompt,seed\na,-1\n", "csv").invalid] == [
+        f"seed must be between 0 and {MAX_SEED} (got -1)"]
+
+
 def test_csv_without_prompt_column_is_a_usage_error():
     with pytest.raises(UsageError, match="no 'prompt' column"):
         parse_prompts(b"text,seed\na cat,1\n", "csv")

@@ -199,7 +199,9 @@ def test_image_written_but_not_recorded_is_adopted(tiny_pipeline, tmp_path):
 def test_two_shards_in_parallel_fill_one_folder_like_an_unsharded_run(tiny_pipeline, tmp_path):
     (tmp_path / "p.txt").write_text("a cat\na red circle\na blue square\nthe knight\na photo\n")
     common = ["batch", "p.txt", *tiny(tiny_pipeline, "-n", "2", "--batch-size", "2", "--out", "shared")]
-    env = dict(os.environ)
+    # one thread everywhere: the thread policy gives shards started together one thread each (they measure one
+    # another), and another thread count may move a pixel by a level; this test is about the folder and the seeds
+    env = dict(os.environ, DALLE_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-m", "dallecli", *common, "--shard", f"{i}/2"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for i in range(2)]
@@ -214,9 +216,9 @@ def test_two_shards_in_parallel_fill_one_folder_like_an_unsharded_run(tiny_pipel
     assert len(images(tmp_path / "shared")) == 10
 
     # same --batch-size: with -n 2 every pass holds one row's two images, sharded or not, so pixels match exactly
-    result = invoke("p.txt", *tiny(tiny_pipeline, "-n", "2", "--batch-size", "2", "--out", "single", "--seed",
-                                   str(base_seed)))
-    assert result.exit_code == 0, result.output
+    result = run_dalle("batch", "p.txt", *tiny(tiny_pipeline, "-n", "2", "--batch-size", "2", "--out", "single",
+                                               "--seed", str(base_seed)), env={"DALLE_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
     single = {(r["row"], r["image"], r["seed"]): r["path"] for r in manifest(tmp_path / "single")[1:]}
     sharded = {(r["row"], r["image"], r["seed"]): r["path"] for r in done}
     assert single.keys() == sharded.keys()

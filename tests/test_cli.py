@@ -91,3 +91,36 @@ def test_output_path_that_is_a_file_exits_2_before_loading(tmp_path):
     done = run_dalle("generate", "x", "--out", str(afile), "--model", str(tmp_path / "no-such-model"))
     assert done.returncode == 2 and "is a file" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and afile.read_text() == "x"
+
+
+def test_progress_bar_is_silent_off_a_terminal_and_keeps_each_commands_columns(monkeypatch):
+    """One progress wrapper for generate/batch/upscale (steps), finetune (loss, rate) and download (bytes)."""
+    import io
+
+    from rich.console import Console
+
+    from dallecli.cli import console
+
+    monkeypatch.setattr(console, "err", lambda: Console(file=io.StringIO(), force_terminal=False))
+    with console.progress_bar(10, "generating") as bar:
+        bar.advance()
+        bar.update(completed=3, loss="0.1")
+        assert not bar.shown
+    monkeypatch.setattr(console, "err", lambda: Console(file=io.StringIO(), force_terminal=True))
+    shown = {}
+    for name, args, kwargs in [
+        ("steps", (10, "generating"), {}),
+        ("training", (10, "training"), {"elapsed": False, "completed": 4, "fields": {"loss": "-"},
+                                        "extra_columns": ("loss {task.fields[loss]}",)}),
+        ("bytes", (None, "downloading"), {"unit": "bytes", "elapsed": False}),
+    ]:
+        with console.progress_bar(*args, **kwargs) as bar:
+            bar.advance(2)
+            task = bar.progress.tasks[0]
+            shown[name] = ([type(c).__name__ for c in bar.progress.columns], task.completed, task.total, task.fields)
+    assert shown["steps"] == (["TextColumn", "BarColumn", "MofNCompleteColumn", "TimeElapsedColumn",
+                               "TimeRemainingColumn"], 2, 10, {})
+    assert shown["training"] == (["TextColumn", "BarColumn", "MofNCompleteColumn", "TextColumn",
+                                  "TimeRemainingColumn"], 6, 10, {"loss": "-"})
+    assert shown["bytes"] == (["TextColumn", "BarColumn", "DownloadColumn", "TransferSpeedColumn",
+                               "TimeRemainingColumn"], 2, None, {})

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dallecli.engine.request import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, nearest_multiples
+from dallecli.engine.request import field_problem
 from dallecli.errors import UsageError
 
 FORMATS = {".txt": "txt", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
@@ -274,37 +274,22 @@ def _check_settings(settings: dict, *, from_text: bool) -> dict:
                 raise ValueError(f"{name} must be a file path, got {value!r}")
             checked[name] = value.strip()
             continue
-        if name == "strength":
-            number = _to_float(name, value, from_text)
-            if not 0 < number <= 1:  # NaN fails this too
-                raise ValueError(f"strength must be above 0 and at most 1, got {value!r}")
-            checked[name] = number
-            continue
         if name == "negative_prompt":
             if not isinstance(value, str):
                 raise ValueError(f"negative_prompt must be a string, got {value!r}")
             if value.strip():
                 checked[name] = value.strip()
             continue
-        if name == "guidance":
-            number = _to_float(name, value, from_text)
-            if not 0 <= number <= MAX_GUIDANCE:  # NaN fails this too
-                raise ValueError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {value!r}")
+        if name == "n":  # a row's own limit (the seed formula's row stride); the engine only needs n >= 1
+            number = _to_int(name, value, from_text)
+            if not 1 <= number <= MAX_IMAGES_PER_ROW:
+                raise ValueError(f"n must be between 1 and {MAX_IMAGES_PER_ROW}, got {number}")
             checked[name] = number
             continue
-        number = _to_int(name, value, from_text)
-        if name == "seed" and not 0 <= number <= MAX_SEED:
-            raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {number}")
-        if name == "n" and not 1 <= number <= MAX_IMAGES_PER_ROW:
-            raise ValueError(f"n must be between 1 and {MAX_IMAGES_PER_ROW}, got {number}")
-        if name == "steps" and not 1 <= number <= MAX_STEPS:
-            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {number}")
-        if name in ("width", "height"):
-            if not 8 <= number <= 8192:
-                raise ValueError(f"{name} {number} is out of range (8-8192 pixels)")
-            if number % 8:
-                low, high = nearest_multiples(number)
-                raise ValueError(f"{name} {number} is not a multiple of 8; the nearest valid sizes are {low} and {high}")
+        number = (_to_float if name in ("guidance", "strength") else _to_int)(name, value, from_text)
+        # the engine's ranges and messages; a row's seed is image 0's, and -1 (random) is not a row seed
+        if problem := field_problem(name, number, label=name, random_seed=False):
+            raise ValueError(problem)
         checked[name] = number
     return checked
 

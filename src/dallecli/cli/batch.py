@@ -52,7 +52,7 @@ def batch(
                                      split_finished, validate_options)
     from dallecli.batch.prompts import read_prompt_file
     from dallecli.batch.run import BatchSummary, adopt_orphans, run_jobs
-    from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
+    from dallecli.cli.console import info, out as print_line, out_json, progress_bar, warn
     from dallecli.config import default_output_dir, user_default
     from dallecli.images import prepare_output_folder
     from dallecli.engine.request import RANDOM_SEED
@@ -141,7 +141,7 @@ def batch(
     from dallecli.engine.request import effective_steps
 
     defaults = engine.defaults()
-    with step_progress(sum(effective_steps(b[0].settings.request().with_defaults(defaults)) for b in batches),
+    with progress_bar(sum(effective_steps(b[0].settings.request().with_defaults(defaults)) for b in batches),
                        "generating") as bar:
         try:
             for outcome in run_jobs(engine, batches, folder, extra=extra, replace=replace,

@@ -53,38 +53,76 @@ def out_json(document) -> None:
     sys.stdout.flush()
 
 
-def step_progress(total: int, description: str):
-    """A Rich progress bar on stderr counting ``total`` units, or a no-op when stderr is not a terminal.
+class _SilentBar:
+    """The stand-in for a progress bar when stderr is not a terminal: accepts every update, shows nothing."""
+
+    shown = False
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def update(self, **changes) -> None:
+        pass
+
+
+class _RichBar:
+    """A Rich ``Progress`` with one task, added on entering; ``advance`` and ``update`` act on that task."""
+
+    shown = True
+
+    def __init__(self, progress, **task):
+        self.progress, self._new_task = progress, task
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self.task = self.progress.add_task(**self._new_task)
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def update(self, **changes) -> None:
+        self.progress.update(self.task, **changes)
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+def progress_bar(total: int | None, description: str, *, unit: str = "steps", extra_columns: tuple[str, ...] = (),
+                 fields: dict | None = None, elapsed: bool = True, completed: int = 0):
+    """A transient Rich progress bar on stderr, or a silent stand-in when stderr is not a terminal.
+
+    Columns: description, bar, count (``done/total`` for ``unit="steps"``; size and transfer speed for
+    ``unit="bytes"``), ``extra_columns``, elapsed time (if ``elapsed``), time remaining.
+
+    Args:
+        total: units to count; ``None`` when unknown (the bar pulses).
+        description: the text at the left of the bar.
+        unit: ``"steps"`` or ``"bytes"``.
+        extra_columns: Rich text templates over the task's fields, e.g. ``"loss {task.fields[loss]}"``.
+        fields: first values of the fields that ``extra_columns`` read.
+        elapsed: show the time elapsed.
+        completed: units already done when the bar starts (a resumed run).
 
     Returns:
-        A context manager whose value has ``advance(n=1)``.
+        A context manager whose value has ``advance(n=1)``, ``update(**changes)`` (Rich's task update:
+        ``completed=``, ``advance=``, ``total=``, fields) and ``shown`` (False for the silent stand-in).
     """
     from contextlib import nullcontext
 
+    if unit not in ("steps", "bytes"):
+        raise ValueError(f"unit must be 'steps' or 'bytes', not {unit!r}")
     console = err()
     if not console.is_terminal:
-        class _Silent:
-            def advance(self, n: int = 1) -> None:
-                pass
+        return nullcontext(_SilentBar())
+    from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
-        return nullcontext(_Silent())
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    class _Bar:
-        def __enter__(self):
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
-            self.progress.__enter__()
-            self.task = self.progress.add_task(description, total=total)
-            return self
-
-        def advance(self, n: int = 1) -> None:
-            self.progress.advance(self.task, n)
-
-        def __exit__(self, *exc):
-            return self.progress.__exit__(*exc)
-
-    return _Bar()
+    count = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
+    columns = [TextColumn("{task.description}"), BarColumn(), *count, *(TextColumn(c) for c in extra_columns),
+               *([TimeElapsedColumn()] if elapsed else []), TimeRemainingColumn()]
+    return _RichBar(Progress(*columns, console=console, transient=True), description=description, total=total,
+                    completed=completed, **(fields or {}))
 
 
 def report_memory_choice(choice) -> None:

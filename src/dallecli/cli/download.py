@@ -10,35 +10,6 @@ import typer
 from dallecli.cli.errors import handles_errors
 
 
-def _byte_progress(total: int):
-    """A Rich bytes bar (size, speed, ETA) on stderr; a no-op when stderr is not a terminal."""
-    from contextlib import nullcontext
-
-    from dallecli.cli.console import err
-
-    console = err()
-    if not console.is_terminal:
-        return nullcontext(lambda n, t: None)
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    class _Bar:
-        def __enter__(self):
-            self.progress = Progress(TextColumn("downloading"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                     TimeRemainingColumn(), console=console, transient=True)
-            self.progress.__enter__()
-            self.task = self.progress.add_task("download", total=total or None)
-            return self.advance
-
-        def advance(self, n: int, expected: int) -> None:
-            self.progress.update(self.task, advance=n, total=max(total, expected) or None)
-
-        def __exit__(self, *exc):
-            return self.progress.__exit__(*exc)
-
-    return _Bar()
-
-
 @handles_errors
 def download(
     name: Annotated[str, typer.Argument(help="Registry alias (see `dalle models`) or org/name Hub repo id.")],
@@ -51,7 +22,7 @@ def download(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
 ) -> None:
     """Download a model, VAE or LoRA from the Hugging Face Hub (only the files dalle loads)."""
-    from dallecli.cli.console import info, out, out_json
+    from dallecli.cli.console import info, out, out_json, progress_bar
     from dallecli.store.download import human_size, missing_bytes, plan_download
     from dallecli.store.download import download as fetch
 
@@ -86,8 +57,9 @@ def download(
     if missing:
         info(f"{plan.repo_id} @ {plan.commit}: {len(missing)} file(s) missing, {human_size(needed)}"
              + (f" (variant {plan.variant})" if plan.variant else ""))
-    with _byte_progress(needed) as advance:
-        result = fetch(plan, token=token, cache_dir=cache_dir, on_progress=advance)
+    with progress_bar(needed or None, "downloading", unit="bytes", elapsed=False) as bar:
+        result = fetch(plan, token=token, cache_dir=cache_dir,
+                       on_progress=lambda n, expected: bar.update(advance=n, total=max(needed, expected) or None))
     if result.already_cached:
         info(f"{plan.repo_id} @ {result.commit} is already downloaded; nothing fetched")
     info(f"verified {len(result.verified)} .safetensors file(s); revision {result.commit}")

@@ -19,38 +19,35 @@ class _Progress:
         from dallecli.cli.console import err
 
         self.total, self.console = total, err()
-        self.bar = self.task = None
+        self.context = self.bar = None
         self.started = self.first = None
 
     def start(self, at: int) -> None:
         if self.started is not None:
             return
         self.started, self.first = time.perf_counter(), at
-        if not self.console.is_terminal:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from dallecli.cli.console import progress_bar
 
-        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
-                            TimeRemainingColumn(), console=self.console, transient=True)
-        self.bar.__enter__()
-        self.task = self.bar.add_task("training", total=self.total, completed=at, loss="-", rate="-")
+        self.context = progress_bar(self.total, "training", elapsed=False, completed=at,
+                                    extra_columns=("loss {task.fields[loss]}", "{task.fields[rate]} steps/s"),
+                                    fields={"loss": "-", "rate": "-"})
+        self.bar = self.context.__enter__()
 
     def step(self, report) -> None:
         if self.started is None:
             self.start(report.step - 1)
         rate = (report.step - self.first) / max(time.perf_counter() - self.started, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=report.step, loss=f"{report.loss:.4f}", rate=f"{rate:.2f}")
+        if self.bar.shown:
+            self.bar.update(completed=report.step, loss=f"{report.loss:.4f}", rate=f"{rate:.2f}")
         elif report.step % max(1, self.total // 10) == 0 or report.step == self.total:
             eta = (self.total - report.step) / rate if rate else 0
             self.console.print(f"step {report.step}/{self.total}  loss {report.loss:.4f}  {rate:.2f} steps/s  "
                                f"ETA {eta:.0f}s", markup=False)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-            self.bar = None
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
 
 
 @handles_errors

@@ -18,7 +18,7 @@ def run_local(request, folder: Path, *, json_output: bool, model: str | None, de
         Interrupted: Ctrl-C; finished images are kept.
         DalleError: see :meth:`dallecli.engine.generate.Engine.generate`.
     """
-    from dallecli.cli.console import info, out as print_line, out_json, report_memory_choice, step_progress, warn
+    from dallecli.cli.console import info, out as print_line, out_json, progress_bar, report_memory_choice, warn
     from dallecli.cli.errors import Interrupted
     from dallecli.config import user_default
     from dallecli.engine.generate import Engine
@@ -47,7 +47,7 @@ def run_local(request, folder: Path, *, json_output: bool, model: str | None, de
     report_memory_choice(engine.memory(planned.width, planned.height, min(planned.batch_size, planned.num_images),
                                        planned.guidance_scale > 1))
     written: list[dict] = []
-    with step_progress(planned.num_images * effective_steps(planned), "generating") as bar:
+    with progress_bar(planned.num_images * effective_steps(planned), "generating") as bar:
         try:
             for result in engine.generate(planned, on_step=lambda step, total: bar.advance()):
                 for message in result.warnings:

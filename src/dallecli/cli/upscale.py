@@ -31,7 +31,7 @@ def upscale(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of the path.")] = False,
 ) -> None:
     """Enlarge an image with a diffusion upscaler (tiled, so memory stays bounded)."""
-    from dallecli.cli.console import info, out as print_line, out_json, step_progress, warn
+    from dallecli.cli.console import info, out as print_line, out_json, progress_bar, warn
     from dallecli.config import default_output_dir, user_default
     from dallecli.engine.inputs import load_init_image
     from dallecli.engine.upscale import UpscaleRequest, Upscaler, check_scale, upscale_file
@@ -50,7 +50,7 @@ def upscale(
     if len(plan["tiles"]) > 1:
         info(f"{source.size[0]}x{source.size[1]} in {len(plan['tiles'])} tiles of {plan['tile']} px "
              f"(overlap {plan['overlap']} px)")
-    with step_progress(len(plan["tiles"]) * plan["steps"], "upscaling") as bar:
+    with progress_bar(len(plan["tiles"]) * plan["steps"], "upscaling") as bar:
         try:
             result = upscale_file(upscaler, request, lambda done, total: bar.advance(), input_image=source,
                                   plan=plan)

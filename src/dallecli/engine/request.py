@@ -174,6 +174,47 @@ def smallest_steps(strength: float) -> int:
     return steps
 
 
+def field_problem(field: str, value, *, label: str | None = None, num_images: int = 1,
+                  random_seed: bool = True) -> str | None:
+    """What is wrong with one request field's value, or None when it is in range (also the batch row check).
+
+    Args:
+        field: "width", "height" (pixels, 8-8192, multiples of 8), "steps" (1 to :data:`MAX_STEPS`),
+            "guidance" (0 to :data:`MAX_GUIDANCE`), "strength" (in (0, 1]) or "seed" (0 to :data:`MAX_SEED`).
+        value: the value, already an int (a float for guidance and strength); NaN is out of range.
+        label: how the message names the field (default: the option, ``--FIELD``).
+        num_images: images made from the seed (image i gets ``seed + i``), which lowers the highest seed.
+        random_seed: whether -1 (:data:`RANDOM_SEED`) is accepted as a seed.
+
+    Returns:
+        A message naming the field, the range and the bad value; None when the value is valid.
+    """
+    label = label or f"--{field}"
+    if field in ("width", "height"):
+        if value < 8 or value > 8192:
+            return f"{label} {value} is out of range (8-8192 pixels)"
+        if value % 8:
+            low, high = nearest_multiples(value)
+            return f"{label} {value} is not a multiple of 8; the nearest valid sizes are {low} and {high}"
+    elif field == "steps":
+        if not 1 <= value <= MAX_STEPS:
+            return f"{label} must be between 1 and {MAX_STEPS}, the diffusion's training timesteps (got {value})"
+    elif field == "guidance":
+        if not 0 <= value <= MAX_GUIDANCE:  # NaN fails this comparison too: it would reach metadata and JSON
+            return f"{label} must be between 0 and {MAX_GUIDANCE:g} (got {value})"
+    elif field == "strength":
+        if isinstance(value, bool) or not 0 < value <= 1:  # NaN fails this too
+            return f"{label} must be above 0 and at most 1 (got {value})"
+    elif field == "seed":
+        highest = MAX_SEED - num_images + 1
+        if not (random_seed and value == RANDOM_SEED) and not 0 <= value <= highest:
+            return (f"{label} must be between 0 and {highest}" + (", or -1 for a random seed" if random_seed else "")
+                    + f" (got {value})")
+    else:
+        raise ValueError(f"unknown request field {field!r}")
+    return None
+
+
 def _validate_inputs(request: GenerationRequest) -> None:
     if request.task is not None and request.task not in TASKS:
         raise UsageError(f"unknown task {request.task!r}; one of {', '.join(TASKS)}")
@@ -188,8 +229,8 @@ def _validate_inputs(request: GenerationRequest) -> None:
         return
     if task == "txt2img":
         raise UsageError("--strength needs an init image (--image IN.png); text to image has no strength")
-    if isinstance(request.strength, bool) or not 0 < request.strength <= 1:  # NaN fails this too
-        raise UsageError(f"--strength must be above 0 and at most 1 (got {request.strength})")
+    if problem := field_problem("strength", request.strength):
+        raise UsageError(problem)
     if request.steps is not None and int(request.steps * request.strength) < 1:
         fewest = smallest_steps(request.strength)
         advice = (f"use --steps {fewest} or more, or a higher --strength" if fewest <= MAX_STEPS
@@ -218,28 +259,19 @@ def validate_request(request: GenerationRequest) -> None:
             byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
             raise UsageError(f"{name} is not valid UTF-8 ({byte} at position {exc.start}); check the terminal's "
                              "encoding (LANG/LC_ALL)") from None
-    for name, value in (("--width", request.width), ("--height", request.height)):
-        if value is None:
-            continue
-        if value < 8 or value > 8192:
-            raise UsageError(f"{name} {value} is out of range (8-8192 pixels)")
-        if value % 8:
-            low, high = nearest_multiples(value)
-            raise UsageError(f"{name} {value} is not a multiple of 8; the nearest valid sizes are {low} and {high}")
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value is not None and (problem := field_problem(name, value)):
+            raise UsageError(problem)
     if request.num_images < 1:
         raise UsageError(f"-n/--num-images must be at least 1 (got {request.num_images})")
     if request.batch_size is not None and request.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {request.batch_size})")
-    if request.steps is not None and not 1 <= request.steps <= MAX_STEPS:
-        raise UsageError(f"--steps must be between 1 and {MAX_STEPS}, the diffusion's training timesteps "
-                         f"(got {request.steps})")
-    if request.guidance_scale is not None and not 0 <= request.guidance_scale <= MAX_GUIDANCE:
-        # NaN fails this comparison too: it would be written into metadata and JSON
-        raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g} (got {request.guidance_scale})")
+    for name, value in (("steps", request.steps), ("guidance", request.guidance_scale)):
+        if value is not None and (problem := field_problem(name, value)):
+            raise UsageError(problem)
     if request.clip_skip is not None and (isinstance(request.clip_skip, bool) or not isinstance(request.clip_skip, int)
                                           or request.clip_skip < 1):
         raise UsageError(f"--clip-skip must be a whole number >= 1 (1 = no skip, 2 = penultimate layer; "
                          f"got {request.clip_skip!r})")
-    if request.seed not in (None, RANDOM_SEED) and not 0 <= request.seed <= MAX_SEED - request.num_images + 1:
-        raise UsageError(f"--seed must be between 0 and {MAX_SEED - request.num_images + 1}, or -1 for a random "
-                         f"seed (got {request.seed})")
+    if request.seed is not None and (problem := field_problem("seed", request.seed, num_images=request.num_images)):
+        raise UsageError(problem)
