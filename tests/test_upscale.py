@@ -231,3 +231,18 @@ def test_tile_plan_covers_the_image_and_feathering_sums_to_one():
     total[64:] += right[0]
     assert np.allclose(total, 1.0, atol=1e-6) and left.min() > 0 and right.min() > 0
     assert left[0, 0] == 1.0 and right[0, -1] == 1.0 and left[0, 127] < 0.01
+
+
+def test_settings_that_need_no_model_are_refused_before_the_download_is_looked_for(tmp_path):
+    """A bad --noise-level must not wait for a 1.7 GB download to be refused (found in a new user's trial)."""
+    from PIL import Image
+
+    from conftest import run_dalle
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
+    for option, value, said in (("--noise-level", "999", "--noise-level 999: give 0 to 350"),
+                                ("--steps", "0", "--steps 0: give at least 1"),
+                                ("--tile", "-8", "--tile -8: give 0 or more pixels")):
+        result = run_dalle("upscale", str(tmp_path / "in.png"), option, value, "--cache-dir", str(tmp_path / "empty"))
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+        assert "not downloaded" not in result.stderr

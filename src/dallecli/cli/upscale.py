@@ -34,7 +34,7 @@ def upscale(
     from dallecli.cli.console import info, out as print_line, out_json, progress_bar, warn
     from dallecli.config import default_output_dir, user_default
     from dallecli.engine.inputs import load_init_image
-    from dallecli.engine.upscale import UpscaleRequest, Upscaler, check_scale, upscale_file
+    from dallecli.engine.upscale import UpscaleRequest, Upscaler, check_request, check_scale, upscale_file
     from dallecli.images import prepare_output_folder, write_png
 
     check_scale(scale)  # before anything is read or loaded
@@ -43,6 +43,7 @@ def upscale(
     request = UpscaleRequest(image=image, scale=scale, model=model, prompt=prompt, negative_prompt=negative_prompt,
                              steps=steps, guidance=guidance, noise_level=noise_level, seed=seed, tile=tile,
                              overlap=overlap)
+    check_request(request)  # the settings that need no model, before looking for it
     upscaler = Upscaler(model, scale, device or user_default("device"), dtype or user_default("dtype"), cache_dir)
     for notice in upscaler.notices:
         info(notice)

@@ -121,6 +121,26 @@ class UpscaledImage:
     warnings: list[str] = field(default_factory=list)
 
 
+def check_request(request: UpscaleRequest) -> None:
+    """The checks of ``request`` that need no model (before anything is resolved or downloaded is looked for).
+
+    Raises:
+        UsageError: steps < 1, guidance < 0, a noise level outside 0-350, a seed outside [0, 2**32) (-1: random),
+            a negative tile or overlap.
+    """
+    if request.steps is not None and request.steps < 1:
+        raise UsageError(f"--steps {request.steps}: give at least 1")
+    if request.guidance is not None and not request.guidance >= 0:
+        raise UsageError(f"--guidance {request.guidance:g}: give 0 or more")
+    if request.noise_level is not None and not 0 <= request.noise_level <= MAX_NOISE_LEVEL:
+        raise UsageError(f"--noise-level {request.noise_level}: give 0 to {MAX_NOISE_LEVEL}")
+    if request.seed not in (None, -1) and not 0 <= request.seed < 2**32:
+        raise UsageError(f"--seed {request.seed}: give 0 to {2**32 - 1} (or -1 for a random one)")
+    for name, value in (("--tile", request.tile), ("--overlap", request.overlap)):
+        if value is not None and value < 0:
+            raise UsageError(f"{name} {value}: give 0 or more pixels")
+
+
 def check_scale(scale: int) -> None:
     """Raises UsageError unless the registry has an upscaler for ``scale``."""
     factors = upscale_factors()
@@ -254,23 +274,16 @@ class Upscaler:
         """
         from dallecli.engine.generate import random_seed
 
+        check_request(request)
         layout, defaults = self.layout, self.defaults()
         steps = defaults["steps"] if request.steps is None else request.steps
         guidance = defaults["guidance"] if request.guidance is None else request.guidance
-        if steps < 1:
-            raise UsageError(f"--steps {steps}: give at least 1")
-        if guidance < 0:
-            raise UsageError(f"--guidance {guidance:g}: give 0 or more")
         noise_level = request.noise_level
         if noise_level is not None and not layout.noise_level:
             raise UsageError(f"--noise-level: {self.model.name} takes no noise level (only the x4 upscaler does)")
         if layout.noise_level:
             noise_level = defaults["noise_level"] if noise_level is None else noise_level
-            if not 0 <= noise_level <= MAX_NOISE_LEVEL:
-                raise UsageError(f"--noise-level {noise_level}: give 0 to {MAX_NOISE_LEVEL}")
         seed = random_seed() if request.seed in (None, -1) else request.seed
-        if not 0 <= seed < 2**32:
-            raise UsageError(f"--seed {seed}: give 0 to {2**32 - 1} (or -1 for a random one)")
         align = layout.align
         tile = layout.default_tile if request.tile is None else request.tile
         if tile < 0 or (tile and (tile % align or tile < layout.min_tile)):
