@@ -39,20 +39,14 @@ def edit(
     json_output: JsonOutput = False,
 ) -> None:
     """Repaint the masked area of an image from a prompt (strength 1 by default); unmasked pixels are kept exactly."""
-    from dallecli.cli.running import run_local
-    from dallecli.config import default_output_dir, user_default
-    from dallecli.engine.request import GenerationRequest, validate_request
-    from dallecli.engine.schedulers import validate_scheduler
-    from dallecli.images import prepare_output_folder
+    from dallecli.cli.running import prepare_run, run_local
+    from dallecli.engine.request import GenerationRequest
 
-    scheduler = scheduler or user_default("scheduler")
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
         guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
         task="inpaint", image=str(image), mask=str(mask) if mask is not None else None, strength=strength,
     )
-    validate_request(request)  # before any model loads
-    validate_scheduler(scheduler)
-    folder = prepare_output_folder(out or default_output_dir())
+    request, folder = prepare_run(request, out)  # before any model loads
     run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
               vae=vae, low_memory=low_memory, revision=revision)

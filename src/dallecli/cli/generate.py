@@ -43,10 +43,10 @@ def generate(
 ) -> None:
     """Generate images from a text prompt (or from an init image with --image)."""
     from dallecli.cli.console import out as print_line, out_json
-    from dallecli.config import default_output_dir, user_default
-    from dallecli.images import prepare_output_folder, read_metadata
-    from dallecli.engine.request import GenerationRequest, validate_request
-    from dallecli.engine.schedulers import validate_scheduler
+    from dallecli.cli.running import prepare_run, run_local
+    from dallecli.config import user_default
+    from dallecli.images import read_metadata
+    from dallecli.engine.request import GenerationRequest
     from dallecli.engine.lora import parse_lora
     from dallecli.engine.replay import merge_stored, replay_inputs, request_fields
     from dallecli.errors import UsageError
@@ -60,12 +60,10 @@ def generate(
     if merged["prompt"] is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
     model, dtype, vae = merged["model"], merged["dtype"], merged["vae"]
-    fields = dict(request_fields(merged), scheduler=merged["scheduler"] or user_default("scheduler"),
+    fields = dict(request_fields(merged), scheduler=merged["scheduler"],
                   negative_prompt=merged["negative_prompt"] or None)
     request = GenerationRequest(num_images=num_images, batch_size=batch_size, **fields, **inputs)
-    validate_request(request)  # before any model loads
-    validate_scheduler(request.scheduler)
-    folder = prepare_output_folder(out or default_output_dir())
+    request, folder = prepare_run(request, out)  # before any model loads
     if server and request.image is not None:
         raise UsageError("--image (and --from an img2img or edit image) runs locally only; leave out --server")
     if server:  # a running `dalle serve` makes the images; they are written here as an in-process run writes them
@@ -80,8 +78,6 @@ def generate(
         for path, _ in made if not json_output else []:
             print_line(str(path))
         return
-
-    from dallecli.cli.running import run_local
 
     run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
               vae=vae, low_memory=low_memory, revision=revision,

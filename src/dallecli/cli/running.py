@@ -6,6 +6,29 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def prepare_run(request, out: Path | None):
+    """Fill the configured default scheduler, check ``request`` and the output folder before any model loads.
+
+    Returns:
+        ``(request, folder)``: the request to run and the output folder (``--out``, else the default).
+
+    Raises:
+        UsageError: see :func:`dallecli.engine.request.validate_request`, an unknown ``--scheduler``, or an
+            output folder that cannot be written.
+    """
+    from dataclasses import replace
+
+    from dallecli.config import default_output_dir, user_default
+    from dallecli.engine.request import validate_request
+    from dallecli.engine.schedulers import validate_scheduler
+    from dallecli.images import prepare_output_folder
+
+    request = replace(request, scheduler=request.scheduler or user_default("scheduler"))
+    validate_request(request)
+    validate_scheduler(request.scheduler)
+    return request, prepare_output_folder(out or default_output_dir())
+
+
 def run_local(request, folder: Path, *, json_output: bool, model: str | None, device: str | None = None,
               dtype: str | None = None, cache_dir: Path | None = None, vae: str | None = None,
               low_memory: bool | None = None, revision: str | None = None,

@@ -39,23 +39,17 @@ def variations(
 ) -> None:
     """Make new images like IMAGE; the prompt comes from its metadata, else --prompt, else none."""
     from dallecli.cli.console import info
-    from dallecli.cli.running import run_local
-    from dallecli.config import default_output_dir, user_default
-    from dallecli.engine.request import GenerationRequest, validate_request
-    from dallecli.engine.schedulers import validate_scheduler
-    from dallecli.images import prepare_output_folder
+    from dallecli.cli.running import prepare_run, run_local
+    from dallecli.engine.request import GenerationRequest
 
     found, found_negative = stored_prompt(image)
     if found is not None:
         info(f"prompt from {image.name}'s metadata: {found}" + (" (--prompt ignored)" if prompt else ""))
-    scheduler = scheduler or user_default("scheduler")
     request = GenerationRequest(
         prompt=found or prompt or "", negative_prompt=negative_prompt or (found_negative if found else None),
         num_images=num_images, seed=seed, steps=steps, guidance_scale=guidance, width=width, height=height,
         scheduler=scheduler, batch_size=batch_size, task="variation", image=str(image), strength=strength,
     )
-    validate_request(request)  # before any model loads
-    validate_scheduler(scheduler)
-    folder = prepare_output_folder(out or default_output_dir())
+    request, folder = prepare_run(request, out)  # before any model loads
     run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
               vae=vae, low_memory=low_memory, revision=revision)

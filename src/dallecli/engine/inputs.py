@@ -98,8 +98,6 @@ def to_rgb8(image):
         return background.convert("RGB")
     if image.mode == "CMYK" and image.info.get("icc_profile"):
         try:
-            import io
-
             from PIL import ImageCms
 
             source = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))

@@ -168,7 +168,6 @@ def vae_can_tile(model_folder) -> bool:
     """:func:`_tiling_fits` from the model's ``vae/config.json`` alone (before anything loads); True when unread."""
     import json
     from pathlib import Path
-    from types import SimpleNamespace
 
     try:
         config = json.loads((Path(model_folder) / "vae" / "config.json").read_text(encoding="utf-8"))
@@ -176,21 +175,24 @@ def vae_can_tile(model_folder) -> bool:
         return True
     if config.get("_class_name") != "AutoencoderTiny":
         return True
-    tiny = SimpleNamespace(upsampling_scaling_factor=config.get("upsampling_scaling_factor", 2),
-                           decoder_block_out_channels=config.get("decoder_block_out_channels", (64, 64, 64, 64)))
-    return _tiling_fits(SimpleNamespace(config=tiny, spatial_scale_factor=2 ** config.get("out_channels", 3)),
-                        tiny=True)
+    return _tiny_decodes_8x(config.get("upsampling_scaling_factor", 2),
+                            config.get("decoder_block_out_channels", (64, 64, 64, 64)), config.get("out_channels", 3))
 
 
-def _tiling_fits(vae, *, tiny: bool = False) -> bool:
+def _tiling_fits(vae) -> bool:
     """Whether diffusers' tiled decode works for ``vae``: ``AutoencoderTiny`` tiles assume an 8x decoder
     (``spatial_scale_factor = 2**out_channels``), so a tiny VAE that upsamples otherwise (the embedded model's
     decodes 4x) fails at the first tile seam; it is decoded whole instead."""
-    if not tiny and type(vae).__name__ != "AutoencoderTiny":
+    if type(vae).__name__ != "AutoencoderTiny":
         return True
     config = vae.config
-    actual = config.upsampling_scaling_factor ** (len(config.decoder_block_out_channels) - 1)
-    return actual == getattr(vae, "spatial_scale_factor", actual)
+    return _tiny_decodes_8x(config.upsampling_scaling_factor, config.decoder_block_out_channels, config.out_channels)
+
+
+def _tiny_decodes_8x(upsampling: int, decoder_blocks, out_channels: int) -> bool:
+    """Whether a tiny VAE's real upscaling (one upsampling per decoder block but the last) is the
+    ``2**out_channels`` that diffusers' ``AutoencoderTiny`` tiling assumes."""
+    return upsampling ** (len(decoder_blocks) - 1) == 2 ** out_channels
 
 
 def apply_memory_mode(pipe, choice: MemoryChoice) -> None:

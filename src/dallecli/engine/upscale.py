@@ -33,8 +33,8 @@ from pathlib import Path
 from dallecli import __version__
 from dallecli.engine.device import resolve_device, resolve_dtype
 from dallecli.engine.loading import load_pipeline, pipeline_class_name
-from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError
-from dallecli.store.registry import lookup, upscale_factors, upscaler_for
+from dallecli.errors import NonFiniteOutputError, OutOfMemoryError, UsageError
+from dallecli.store.registry import upscale_factors, upscaler_for
 from dallecli.store.resolve import ResolvedModel, resolve_model
 
 StepCallback = Callable[[int, int], None]  # (steps done over all tiles, steps in all)
@@ -238,7 +238,7 @@ class Upscaler:
         if self.layout.scale != scale:
             raise UsageError(f"--model {model} upscales {self.layout.scale}x, not {scale}x; give --scale "
                              f"{self.layout.scale} or leave --model out")
-        self.spec = self.model.spec or lookup(model)
+        self.spec = self.model.spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(self.device, dtype, self.spec.dtype if self.spec else None).dtype
         self.notices: list[str] = [self.model.notice] if self.model.notice else []
@@ -405,7 +405,9 @@ def upscale_file(upscaler: Upscaler, request: UpscaleRequest, on_step: StepCallb
     source = input_image or load_init_image(request.image, "IMAGE")
     prompt, prompt_source = request.prompt, "option"
     if prompt is None:
-        prompt, prompt_source = stored_prompt(request.image), "image metadata"
+        from dallecli.images import stored_prompt
+
+        prompt, prompt_source = stored_prompt(request.image)[0], "image metadata"
         if not prompt:
             prompt, prompt_source = "", "none"
     plan = plan or upscaler.plan(request, source.size)
@@ -442,13 +444,3 @@ def rerun_command(settings: dict) -> list[str]:
     if tiling.get("tile") is not None:
         argv += ["--tile", str(tiling["tile"]), "--overlap", str(tiling.get("overlap", 0))]
     return argv
-
-
-def stored_prompt(path: Path) -> str:
-    """The prompt recorded in an image's own metadata (dalle's chunk or A1111's parameters), else ""."""
-    from dallecli.images import read_metadata
-
-    try:
-        return str(read_metadata(path).get("prompt") or "")
-    except (UsageError, ModelNotFoundError):
-        return ""

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from dallecli import __version__
 from dallecli.serve.config import MAX_A1111_IMAGES
 from dallecli.serve.errors import bad_request, parse_json
-from dallecli.serve.openai_api import check_prompt, check_side
+from dallecli.serve.openai_api import check_prompt, check_side, log_ignored
 from dallecli.serve.service import ServerState, generate, resolve
 
 log = logging.getLogger("dallecli.serve")
@@ -116,9 +116,7 @@ def _check_common(body: Txt2ImgRequest, route: str) -> str:
         raise bad_request(f"batch_size x n_iter must be between 1 and {MAX_A1111_IMAGES} (got {body.batch_size} x "
                           f"{body.n_iter})", "batch_size")
     check_side(body.width, "width"), check_side(body.height, "height")
-    ignored = sorted(set(body.model_extra or {}))
-    if ignored:
-        log.info("%s: ignored field(s): %s", route, ", ".join(ignored))
+    log_ignored(route, body)
     return prompt
 
 

@@ -229,9 +229,7 @@ async def images_generations(request: Request) -> dict:
         check_side(body.width, "width"), check_side(body.height, "height")
         width, height = body.width, body.height
     check_batch_size(body.batch_size)
-    ignored = sorted(body.model_extra or {})
-    if ignored:
-        log.info("ignored field(s) dalle does not use: %s", ", ".join(ignored))
+    log_ignored("/v1/images/generations", body)
     generation = GenerationRequest(
         prompt=prompt, negative_prompt=body.negative_prompt or None, num_images=n, seed=body.seed, steps=body.steps,
         guidance_scale=body.guidance_scale, width=width, height=height, scheduler=body.scheduler,

@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from dallecli.engine.memory import DTYPE_BYTES
 from dallecli.errors import ModelNotFoundError, UsageError
 from dallecli.serve.config import ServeConfig
 
@@ -22,7 +23,6 @@ log = logging.getLogger("dallecli.serve")
 
 # OpenAI's model names: clients send them by default; they mean the server's default model
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -89,7 +89,7 @@ class EnginePool:
                                          "downloads only when started with --allow-download)") from None
             self._download(name)
             engine = self._build(name)
-        key = (engine.model.name, engine.model.revision, engine.device, engine.dtype)
+        key = self._key(engine)
         with self._lock:
             engine = self._engines.setdefault(key, engine)
             self._by_name[name] = key

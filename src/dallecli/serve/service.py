@@ -7,7 +7,7 @@ client that disconnects cancels only its wait; the pass runs and its images are 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from dallecli.errors import DalleError
@@ -25,7 +25,6 @@ class ServerState:
     pool: EnginePool
     batcher: Batcher
     a1111_model: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
