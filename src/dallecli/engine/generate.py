@@ -172,13 +172,21 @@ class Engine:
 
     def unload(self) -> None:
         """Drop the loaded pipeline from this engine and the process cache (``dalle serve`` unloading an idle
-        model); :attr:`pipe` loads it again on next use."""
+        model) and give its memory back (a garbage collection; CUDA's cached blocks); :attr:`pipe` loads it
+        again on next use."""
+        import gc
+
         from dallecli.engine.loading import forget
 
         if self._pipe is not None:
             forget(self.model.path)
         self._pipe, self._loras = None, ()
         self._task_pipes.clear()  # they hold the same components
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
     def memory(self, width: int, height: int, images: int = 1, guidance: bool = True) -> MemoryChoice:
         """Whether a pass of ``images`` images of ``width`` x ``height`` pixels runs in low-memory mode.

@@ -9,7 +9,6 @@ network otherwise.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
@@ -208,11 +207,6 @@ class EnginePool:
 
     def _unload(self, key: tuple, why: str) -> None:
         self._engines[key].unload()
-        gc.collect()
-        if key[2].startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
         log.info("unloaded %s (%s)", key[0], why)
 
     def loaded_names(self) -> list[str]:
