@@ -106,10 +106,13 @@ def replica_hub():
     """The stand-in Hub serving a replica of every registry repo (tests/replicas.py), built once and cached on
     disk; gated replicas let ``replicas.TOKEN`` through. Treat as read-only; ``log`` is shared."""
     from hubserver import FakeRepo, HubServer
-    from replicas import GATED, TOKEN, build_all, repo_files
+    from replicas import GATED, TOKEN, build_all, repo_files, revision_files
 
-    repos = {repo: FakeRepo(files, gated=repo in GATED, tokens=frozenset({TOKEN}) if repo in GATED else frozenset())
-             for repo, files in repo_files(build_all()).items()}
+    built = build_all()
+    revisions = revision_files(built)  # e.g. openai/clip-vit-base-patch32's refs/pr/66 (safetensors conversion)
+    repos = {repo: FakeRepo(files, gated=repo in GATED, tokens=frozenset({TOKEN}) if repo in GATED else frozenset(),
+                            revisions={rev: FakeRepo(rev_files) for rev, rev_files in revisions.get(repo, {}).items()})
+             for repo, files in repo_files(built).items()}
     server = HubServer(repos).start()
     yield server
     server.stop()

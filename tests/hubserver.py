@@ -6,7 +6,9 @@ Routes (the ones ``huggingface_hub`` builds; see ``hf_api.py`` and ``file_downlo
     GET       /api/models/{org}/{name}/tree/{rev}[/{path}]   recursive file listing (one page)
     HEAD/GET  /{org}/{name}/resolve/{rev}/{path}             a file, with X-Repo-Commit, ETag, X-Linked-Size
 
-A repo is a dict path -> bytes; ``gated=True`` answers 401 without an ``Authorization`` header and 403 with
+A repo is a dict path -> bytes at main, plus named revisions (``revisions``: e.g. ``refs/pr/66``, a safetensors
+conversion PR, each its own :class:`FakeRepo` with its own files and commit); a revision is found by its name
+(url-encoded as ``huggingface_hub`` sends it, ``refs%2Fpr%2F66``) or its commit. ``gated=True`` answers 401 without an ``Authorization`` header and 403 with
 one (as the Hub does before the licence is accepted), except for a bearer token in ``tokens`` (a user who
 accepted the licence). Every request is logged in ``HubServer.log`` so tests
 can assert what was (not) fetched. Only binds 127.0.0.1.
@@ -31,6 +33,7 @@ class FakeRepo:
     gated: bool = False
     commit: str = ""
     tokens: frozenset[str] = frozenset()  # bearer tokens that may read a gated repo
+    revisions: dict[str, "FakeRepo"] = field(default_factory=dict)  # named revisions other than main
 
     def __post_init__(self):
         if not self.commit:
@@ -98,11 +101,13 @@ class HubServer:
 
     # --- request handling -------------------------------------------------------------------------------
     def _handle(self, req: BaseHTTPRequestHandler, head: bool) -> None:
-        path = unquote(urlsplit(req.path).path)
+        raw = urlsplit(req.path).path
+        path = unquote(raw)
         authorization = req.headers.get("Authorization") or ""
         authorized = bool(authorization)
         self.log.append(("HEAD" if head else "GET", path, authorized))
-        parts = path.strip("/").split("/")
+        # split before unquoting: a revision is one segment even when it holds slashes (refs%2Fpr%2F66)
+        parts = [unquote(part) for part in raw.strip("/").split("/")]
         if parts[:2] == ["api", "models"] and len(parts) >= 6:
             repo_id, kind, rev, rest = "/".join(parts[2:4]), parts[4], parts[5], "/".join(parts[6:])
             repo = self._access(req, repo_id, rev, authorization)
@@ -157,10 +162,12 @@ class HubServer:
                 self._error(req, 403, "GatedRepo", f"Access to model {repo_id} is restricted and you are not in "
                                                    "the authorized list. Visit the model page to ask for access.")
             return None
-        if rev not in ("main", repo.commit):
+        if rev in ("main", repo.commit):
+            return repo
+        found = next((r for name, r in repo.revisions.items() if rev in (name, r.commit)), None)
+        if found is None:
             self._error(req, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
-            return None
-        return repo
+        return found
 
     @staticmethod
     def _json(req, document, head: bool) -> None:

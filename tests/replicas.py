@@ -8,11 +8,16 @@ shrunk by :data:`SHRINK` so that the weights are tiny. Everything else is made h
   saved as safetensors under the real names (``.fp16.`` variants in float16, shards with their index);
 * tokenizer vocabularies: a small CLIP BPE vocabulary (``vocab.json``/``merges.txt``) in CLIP's id order, and
   for T5 a small Unigram ``tokenizer.json`` plus an equivalent ``spiece.model`` (protobuf written by hand);
+* CLIP scorers (``openai/clip-vit-*``, a transformers ``CLIPModel`` folder in the repo root): the same, with a
+  CLIP ``tokenizer.json`` (the fast tokenizer of the small vocabulary) beside ``vocab.json``/``merges.txt``;
+* named revisions (``@REV FILE...`` lines in ``files.txt``: that revision has main's files plus those, e.g. a
+  ``refs/pr/N`` safetensors conversion): built with the repo and served by the stand-in Hub as their own commit;
 * files the pipeline never loads (pickles, root single-file checkpoints, ONNX/Flax/OpenVINO exports, images):
   a few dummy bytes; pickles start like a pickle and are not valid ones, ``.safetensors`` are valid tiny files.
 
 ``build_all()`` builds every replica once and caches the bytes on disk, keyed by a hash of this file, the data
-and the library versions; ``repo_files()`` returns ``{repo_id: {path: bytes}}``. Run ``python tests/replicas.py``
+and the library versions; ``repo_files()`` returns ``{repo_id: {path: bytes}}`` (main) and ``revision_files()``
+``{repo_id: {revision: {path: bytes}}}``. Run ``python tests/replicas.py``
 to build and print the sizes.
 """
 
@@ -37,6 +42,19 @@ _CLIP = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "
 _CLIP_L = {**_CLIP, "projection_dim": 32}          # CLIP ViT-L/14 text tower (768 wide, 12 layers)
 _CLIP_H = {**_CLIP, "projection_dim": 32}          # OpenCLIP ViT-H (1024 wide, 23 layers)
 _CLIP_G = {**_CLIP, "projection_dim": 32}          # OpenCLIP ViT-bigG (1280 wide, 32 layers)
+# CLIPModel scorers: both towers shrunk to the text encoders' size (hidden 32, 2 layers, 4 heads, intermediate
+# 37), projections to 32; the vision tower sees 32x32 images in 8x8 patches (16 patches + the class token), so the
+# preprocessor's resize and centre crop shrink from 224 to 32 too. ``*_config_dict`` (ViT-L/14's config carries
+# one per tower, which transformers reads instead of ``*_config`` when present) is shrunk the same way, and gets
+# the vocabulary size, image size and special token ids of its ``*_config`` too (the real ones leave those at
+# CLIP's defaults: 49408, 224 and ids 49406/49407, outside the small vocabulary).
+_CLIP_TOWER = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+               "projection_dim": 32}
+_CLIP_TEXT = {**_CLIP_TOWER, "vocab_size": VOCAB}
+_CLIP_VISION = {**_CLIP_TOWER, "image_size": 32, "patch_size": 8}
+_CLIP_TEXT_DICT = {**_CLIP_TEXT, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+_CLIP_MODEL = {"projection_dim": 32, "text_config": _CLIP_TEXT, "vision_config": _CLIP_VISION}
+_CLIP_PROCESSOR = {"size": 32, "crop_size": 32}
 _T5 = {"d_ff": 37, "d_kv": 8, "num_heads": 4, "num_layers": 1, "num_decoder_layers": 1, "vocab_size": VOCAB}
 _VAE = {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 64}
 _SD_UNET = {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8,
@@ -98,6 +116,11 @@ SHRINK: dict[str, dict[str, dict]] = {
         "unet/config.json": {**_SD_UNET, "attention_head_dim": 2},
         "vae/config.json": {**_VAE, "block_out_channels": [8, 8, 16]}, "text_encoder/config.json": _CLIP_H},
     # x2 latent upscaler: time_cond_proj_dim = 128 (noise-level embedding) + the text encoder's pooled width.
+    # scorers (issue 16)
+    "openai/clip-vit-base-patch32": {"config.json": _CLIP_MODEL, "preprocessor_config.json": _CLIP_PROCESSOR},
+    "openai/clip-vit-large-patch14": {
+        "config.json": {**_CLIP_MODEL, "text_config_dict": _CLIP_TEXT_DICT, "vision_config_dict": _CLIP_VISION},
+        "preprocessor_config.json": _CLIP_PROCESSOR},
     "stabilityai/sd-x2-latent-upscaler": {
         "unet/config.json": {"block_out_channels": [32, 32, 64, 64], "attention_head_dim": 8, "layers_per_block": 1,
                              "cross_attention_dim": 32, "time_cond_proj_dim": 128 + 32},
@@ -123,9 +146,37 @@ def _folder(repo: str) -> Path:
 
 
 def listing(repo: str) -> list[str]:
-    """Every file of the real repository, from ``files.txt``."""
+    """Every file of the real repository's main branch, from ``files.txt``."""
     lines = (_folder(repo) / "files.txt").read_text().splitlines()
-    return [line for line in lines if line and not line.startswith("#")]
+    return [line for line in lines if line and not line.startswith(("#", "@"))]
+
+
+def revisions(repo: str) -> dict[str, list[str]]:
+    """The named revisions in ``files.txt`` (``@refs/pr/66 model.safetensors``): revision -> every file it has
+    (main's files plus the ones named)."""
+    out: dict[str, list[str]] = {}
+    for line in (_folder(repo) / "files.txt").read_text().splitlines():
+        if line.startswith("@"):
+            revision, *added = line[1:].split()
+            out[revision] = sorted(set(out.get(revision, listing(repo))) | set(added))
+    return out
+
+
+def _revision_folder(repo: str, revision: str) -> str:
+    return f"{repo.replace('/', '--')}@{revision.replace('/', '--')}"
+
+
+def _shrink(config: dict, shrink: dict, vocab_size: int) -> dict:
+    """``config`` with ``shrink``'s keys replaced; a dict value is laid over the config's dict of that key (the
+    towers of a CLIPModel config), and :data:`VOCAB` becomes ``vocab_size``."""
+    for key, value in shrink.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = _shrink(config[key], value, vocab_size)
+        elif isinstance(value, dict) and key in config and config[key] is None:
+            continue  # "text_config_dict": null stays null
+        else:
+            config[key] = vocab_size if value == VOCAB else value
+    return config
 
 
 def real_config(repo: str, path: str) -> dict:
@@ -299,9 +350,25 @@ def _text(repo: str, path: str) -> bytes:
     return f"dummy {path} of the {repo} replica\n".encode()
 
 
+def clip_tokenizer_json(clip_vocab: tuple[dict[str, int], str], workdir: Path) -> str:
+    """The fast tokenizer (``tokenizer.json``) of the small CLIP vocabulary, as transformers converts it."""
+    from transformers import CLIPTokenizer
+
+    ids, merges = clip_vocab
+    folder = workdir / "cliptokenizer"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(ids, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    text = tokenizer.backend_tokenizer.to_str(pretty=True)
+    shutil.rmtree(folder)
+    return text
+
+
 def build_replica(repo: str, workdir: Path, clip_vocab: tuple[dict[str, int], str], seed: int = 0) -> dict[str, bytes]:
-    """All files of one replica, path -> bytes."""
+    """All files of one replica, path -> bytes: main's and those its named revisions add."""
     files = listing(repo)
+    files += sorted(set().union(*revisions(repo).values()) - set(files))
     shrink = SHRINK[repo]
     clip_ids, clip_merges = clip_vocab
     t5_ids = {p: i for i, (p, _, _) in enumerate(t5_pieces())}
@@ -309,7 +376,7 @@ def build_replica(repo: str, workdir: Path, clip_vocab: tuple[dict[str, int], st
     out: dict[str, bytes] = {}
 
     def folder_kind(folder: str) -> str:
-        siblings = {f.rsplit("/", 1)[-1] for f in files if f.startswith(folder + "/")}
+        siblings = {f.rsplit("/", 1)[-1] for f in files if (f.startswith(folder + "/") if folder else "/" not in f)}
         return "t5" if "spiece.model" in siblings else "clip"
 
     configs: dict[str, dict] = {}
@@ -319,8 +386,7 @@ def build_replica(repo: str, workdir: Path, clip_vocab: tuple[dict[str, int], st
         config = real_config(repo, path)
         folder = path.rsplit("/", 1)[0] if "/" in path else ""
         ids = t5_ids if folder_kind(folder) == "t5" else clip_ids
-        for key, value in shrink.get(path, {}).items():
-            config[key] = len(ids) if value == VOCAB else value
+        config = _shrink(config, shrink.get(path, {}), len(ids))
         name = path.rsplit("/", 1)[-1]
         if name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
             config = _shrink_tokenizer_file(name, config, ids)
@@ -336,7 +402,9 @@ def build_replica(repo: str, workdir: Path, clip_vocab: tuple[dict[str, int], st
         elif name == "merges.txt":
             out[path] = clip_merges.encode()
         elif name == "tokenizer.json":
-            out[path] = t5_tokenizer_json().encode()
+            folder = path.rsplit("/", 1)[0] if "/" in path else ""
+            out[path] = (t5_tokenizer_json() if folder_kind(folder) == "t5"
+                         else clip_tokenizer_json(clip_vocab, workdir)).encode()
         elif name == "spiece.model":
             out[path] = t5_spiece_model()
 
@@ -346,8 +414,10 @@ def build_replica(repo: str, workdir: Path, clip_vocab: tuple[dict[str, int], st
     if index:
         components = [(k, v[0], v[1]) for k, v in index.items()
                       if isinstance(v, list) and v[0] in ("diffusers", "transformers") and f"{k}/config.json" in configs]
-    elif "config.json" in configs:
+    elif "config.json" in configs and "_class_name" in configs["config.json"]:
         components = [("", "diffusers", configs["config.json"]["_class_name"])]
+    elif "config.json" in configs:  # a transformers model folder (a CLIP scorer)
+        components = [("", "transformers", configs["config.json"]["architectures"][0])]
     for number, (folder, library, class_name) in enumerate(components):
         config = configs[f"{folder}/config.json" if folder else "config.json"]
         model = _instantiate(library, class_name, config, seed + number)
@@ -450,10 +520,14 @@ def build_all(root: Path | None = None) -> Path:
         clip_vocab = clip_vocabulary(work)
         shutil.rmtree(work / "clipvocab")
         for repo in repo_ids():
-            for path, data in build_replica(repo, work, clip_vocab).items():
-                file = work / repo.replace("/", "--") / path
-                file.parent.mkdir(parents=True, exist_ok=True)
-                file.write_bytes(data)
+            built = build_replica(repo, work, clip_vocab)
+            folders = {repo.replace("/", "--"): listing(repo)}
+            folders.update({_revision_folder(repo, rev): names for rev, names in revisions(repo).items()})
+            for folder, names in folders.items():
+                for path in names:
+                    file = work / folder / path
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    file.write_bytes(built[path])
         (work / "COMPLETE").write_text("ok\n")
         try:
             work.rename(target)
@@ -465,13 +539,19 @@ def build_all(root: Path | None = None) -> Path:
     return target
 
 
+def _read_folder(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def repo_files(built: Path) -> dict[str, dict[str, bytes]]:
-    """``{repo_id: {path: bytes}}`` from :func:`build_all`'s folder."""
-    out = {}
-    for repo in repo_ids():
-        folder = built / repo.replace("/", "--")
-        out[repo] = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-    return out
+    """``{repo_id: {path: bytes}}`` (main) from :func:`build_all`'s folder."""
+    return {repo: _read_folder(built / repo.replace("/", "--")) for repo in repo_ids()}
+
+
+def revision_files(built: Path) -> dict[str, dict[str, dict[str, bytes]]]:
+    """``{repo_id: {revision: {path: bytes}}}`` for the repos with named revisions (``@REV`` in ``files.txt``)."""
+    return {repo: {rev: _read_folder(built / _revision_folder(repo, rev)) for rev in revs}
+            for repo in repo_ids() if (revs := revisions(repo))}
 
 
 if __name__ == "__main__":

@@ -260,3 +260,71 @@ def test_dry_run_counts_prompts_and_images_without_loading_a_model(tmp_path):
     sharded = CliRunner().invoke(app, [*args, "--shard", "1/2", "--json"])
     assert json.loads(sharded.stdout) == {"prompts": 1, "images": 2, "malformed": 0, "shard": "1/2"}
     assert not (tmp_path / "dalle-out").exists() and not list(tmp_path.glob("*/manifest.jsonl"))
+
+
+# -- #19 item 11: encodings, sniffed delimiters, --input-format ----------------------------------------------
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_utf8_bom_and_utf16_utf32_with_a_bom_are_read(encoding):
+    def encode(text):  # with exactly one BOM ("utf-16-le"/"-be" write none, the others do)
+        return ("\ufeff" + text).encode(encoding) if encoding in ("utf-16-le", "utf-16-be") else text.encode(encoding)
+
+    parsed = parse_prompts(encode("prompt,seed\n\"a café, at night\",7\nun chat\u00e9,\n"), "csv")
+    assert prompts_of(parsed) == ["a café, at night", "un chat\u00e9"]
+    assert parsed.rows[0].settings == {"seed": 7} and [row.line for row in parsed.rows] == [2, 3]
+    assert parsed.encoding == {"utf-8-sig": "utf-8", "utf-16": "utf-16-le", "utf-32": "utf-32-le"}.get(encoding, encoding)
+    txt = parse_prompts(encode("one\r\n# two\r\nthree\r\n"), "txt")
+    assert prompts_of(txt) == ["one", "three"]
+
+
+def test_utf16_without_a_bom_is_named_in_the_error():
+    for fmt in ("csv", "txt", "jsonl"):
+        with pytest.raises(UsageError, match=r"^p\.csv is not UTF-8 \(it looks like UTF-16 without a byte-order "
+                                             r"mark\); save it as UTF-8, or as UTF-16 with a byte-order mark$"):
+            parse_prompts("prompt\na cat\n".encode("utf-16-le"), fmt, "p.csv")
+    with pytest.raises(UsageError, match="starts with a UTF-16 byte-order mark but is not valid UTF-16"):
+        parse_prompts(b"\xff\xfep\x00r\x00\x00\xdc", "txt", "p.txt")  # a lone low surrogate
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_csv_delimiter_is_sniffed(delimiter):
+    data = delimiter.join(["id", "prompt", "seed"]) + "\n"
+    data += delimiter.join(["1", '"a cat, a dog; a bird"', "4"]) + "\n" + delimiter.join(["2", "a fox", ""]) + "\n"
+    parsed = parse_prompts(data.encode(), "csv")
+    assert parsed.delimiter == delimiter and parsed.invalid == []
+    assert prompts_of(parsed) == ["a cat, a dog; a bird", "a fox"] and parsed.rows[0].settings == {"seed": 4}
+
+
+def test_csv_sniffing_falls_back_to_a_comma():
+    from dallecli.batch.prompts import sniff_delimiter
+
+    # one column: nothing to sniff; a comma inside an unquoted prompt is still a malformed row, as before
+    parsed = parse_prompts(b"prompt\na red circle\na cat; a dog\n", "csv")
+    assert parsed.delimiter == "," and prompts_of(parsed) == ["a red circle", "a cat; a dog"]
+    # the sniffer's guess is kept only when it finds a 'prompt' column
+    assert sniff_delimiter("prompt;seed\na b|c;1\n") == ";" and sniff_delimiter("") == ","
+    assert sniff_delimiter("title;text\nx;y\n") == ","  # no prompt column: the parser reports it
+    with pytest.raises(UsageError, match="no 'prompt' column"):
+        parse_prompts(b"title;text\nx;y\n", "csv")
+
+
+def test_input_format_for_a_file_without_a_suffix(tmp_path):
+    (tmp_path / "prompts").write_text('{"prompt": "a cat", "n": 2}\n')
+    with pytest.raises(UsageError, match=r"unknown prompt file type ''; .*--input-format txt\|csv\|tsv\|jsonl"):
+        read_prompt_file(tmp_path / "prompts")
+    parsed = read_prompt_file(tmp_path / "prompts", "JSONL")
+    assert parsed.format == "jsonl" and parsed.rows[0].settings == {"n": 2}
+    assert prompts_of(read_prompt_file(tmp_path / "prompts", "txt")) == ['{"prompt": "a cat", "n": 2}']
+    with pytest.raises(UsageError, match="--input-format 'yaml' is not a prompt format; use one of txt, csv"):
+        read_prompt_file(tmp_path / "prompts", "yaml")
+
+
+def test_stdin_rows_take_image_paths_from_the_working_folder(tmp_path):
+    from PIL import Image
+
+    from dallecli.batch.prompts import STDIN_NAME
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")  # conftest runs every test in tmp_path
+    parsed = parse_prompts(b'{"prompt": "a cat", "image": "in.png"}\n{"prompt": "x", "image": "no.png"}\n',
+                           "jsonl", STDIN_NAME)
+    assert parsed.rows[0].settings["image"] == str(tmp_path / "in.png")
+    assert str(parsed.invalid[0]) == f"line 2: image no.png does not exist (paths are relative to {tmp_path})"

@@ -323,3 +323,77 @@ def test_overwrite_never_deletes_or_reads_a_path_outside_the_folder(tiny_pipelin
     result = invoke(*args, "--overwrite")
     assert result.exit_code == 0, result.output
     assert outside.read_bytes() == b"precious" and absolute.read_bytes() == b"precious too"
+
+
+def test_stdin_prompts_resume_from_the_saved_copy_after_ctrl_c(tiny_pipeline, tmp_path, monkeypatch):
+    """#19 item 11: `dalle batch -` reads stdin; the prompts are kept beside the manifest, Ctrl-C names the
+    command that feeds them again, and a rerun with the same stdin resumes."""
+    original = Engine.generate_items
+    calls = []
+
+    def interrupted(self, items, request, on_step=None):
+        calls.append(items)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, items, request, on_step)
+
+    monkeypatch.setattr(Engine, "generate_items", interrupted)
+    prompts = "a cat\n# a comment\na red circle\n"
+    args = ["-", *tiny(tiny_pipeline, "--batch-size", "1", "--out", "out", "--seed", "3")]
+    result = CliRunner().invoke(app, ["batch", *args], input=prompts)
+    assert result.exit_code == 130, result.output
+    copies = list((tmp_path / "out").glob("stdin-*.txt"))
+    assert len(copies) == 1 and copies[0].read_text() == prompts
+    assert "Resume with: dalle " in result.stderr and f"< out/{copies[0].name}" in result.stderr
+    header, *records = manifest(tmp_path / "out")
+    assert header["source"] == "stdin" and [r["prompt"] for r in records] == ["a cat"]
+    monkeypatch.setattr(Engine, "generate_items", original)
+    result = CliRunner().invoke(app, ["batch", *args], input=copies[0].read_text())
+    assert result.exit_code == 0 and "stdin: 2 prompt(s); skipped 1, generating 1" in result.stderr
+    assert [(r["row"], r["line"], r["seed"]) for r in manifest(tmp_path / "out")[1:]] == [(0, 1, 3), (1, 3, 1003)]
+    result = CliRunner().invoke(app, ["batch", *args], input=prompts)
+    assert "skipped 2, generating 0" in result.stderr and len(list((tmp_path / "out").glob("stdin-*"))) == 1
+
+
+def test_stdin_takes_input_format_and_dry_run(tmp_path):
+    """#19 item 11: --input-format for stdin (default txt) and for a file without a suffix; no model loads."""
+    jsonl = '{"prompt": "a cat", "n": 3}\n{"prompt": "a dog"}\n'
+    done = CliRunner().invoke(app, ["batch", "-", "--input-format", "jsonl", "--dry-run", "--model", "org/none"],
+                              input=jsonl)
+    assert done.exit_code == 0, done.output
+    assert done.stdout == "2 prompt(s), 4 image(s)\n"
+    as_text = CliRunner().invoke(app, ["batch", "-", "--dry-run"], input=jsonl)
+    assert as_text.stdout == "2 prompt(s), 2 image(s)\n"  # txt: each line is a prompt
+    (tmp_path / "prompts").write_text("prompt;n\na cat;2\n")
+    unknown = CliRunner().invoke(app, ["batch", "prompts", "--dry-run"])
+    assert unknown.exit_code == 2 and "--input-format" in unknown.stderr and len(unknown.stderr.splitlines()) == 1
+    sniffed = CliRunner().invoke(app, ["batch", "prompts", "--input-format", "csv", "--dry-run"])
+    assert sniffed.stdout == "1 prompt(s), 2 image(s)\n" and "delimiter ';'" in sniffed.stderr
+    utf16 = CliRunner().invoke(app, ["batch", "-", "--dry-run"], input="\ufeffa cat\na dog\n".encode("utf-16-le"))
+    assert utf16.stdout == "2 prompt(s), 2 image(s)\n" and "read as utf-16-le" in utf16.stderr
+    bad = CliRunner().invoke(app, ["batch", "-", "--input-format", "xml", "--dry-run"], input="a cat\n")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --input-format 'xml' is not a prompt format")
+    assert not (tmp_path / "dalle-out").exists()
+
+
+def test_manifest_scheduler_records_what_ran_and_old_manifests_still_resume(tiny_pipeline, tmp_path):
+    """#19 item 12: `scheduler` is the scheduler that ran (the tiny model's own DDIM: "ddim"), not "default";
+    `requested_scheduler` keeps the --scheduler value for the resume key; a manifest written before (scheduler
+    "default", the real one in "sampler") resumes, and a rerun with another --scheduler makes the images again."""
+    (tmp_path / "p.txt").write_text("a cat\na red circle\n")
+    args = ["p.txt", *tiny(tiny_pipeline, "--out", "out", "--seed", "3")]
+    assert invoke(*args).exit_code == 0
+    header, *records = manifest(tmp_path / "out")
+    assert [(r["scheduler"], r["requested_scheduler"]) for r in records] == [("ddim", "default")] * 2
+    assert all("sampler" not in r for r in records)
+    stored = json.loads(Image.open(tmp_path / "out" / records[0]["path"]).text["dalle"])
+    assert stored["scheduler"] == records[0]["scheduler"]
+    old = [{**{k: v for k, v in r.items() if k != "requested_scheduler"}, "scheduler": "default",
+            "sampler": r["scheduler"]} for r in records]
+    (tmp_path / "out" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [header, *old]))
+    assert "skipped 2, generating 0" in invoke(*args).stderr
+    euler = invoke(*args, "--scheduler", "euler")
+    assert euler.exit_code == 0 and "skipped 0, generating 2" in euler.stderr
+    new = manifest(tmp_path / "out")[-2:]
+    assert [(r["scheduler"], r["requested_scheduler"]) for r in new] == [("euler", "euler")] * 2
+    assert "skipped 2, generating 0" in invoke(*args, "--scheduler", "euler").stderr

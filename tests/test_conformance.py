@@ -52,6 +52,9 @@ SD_FP16 = ["model_index.json", "scheduler/scheduler_config.json", *_component("t
            *_tokenizer("tokenizer"), *_component("unet", FP16_DM), *_component("vae", FP16_DM)]
 SDXL_FP16 = [*SD_FP16, *_component("text_encoder_2", FP16_TE), *_tokenizer("tokenizer_2")]
 VAE_FIX = ["config.json", DM]
+# a CLIP scorer: a transformers CLIPModel folder (issue 16); never pytorch_model.bin, tf_model.h5, flax_model.msgpack
+CLIP_SCORER = ["config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+               "tokenizer.json", "tokenizer_config.json", "vocab.json"]
 # What `dalle download NAME` must fetch, written from the real repos' layouts (not from dalle's selection code):
 # the fp16 variant where the registry asks for it, never pickles, single files, safety checker, feature
 # extractor, Flax/ONNX/OpenVINO exports, the SDXL repo's vae_1_0/ or SD 3.5's text_encoders/ folder.
@@ -79,6 +82,8 @@ EXPECTED: dict[str, list[str]] = {
     "taesd": ["config.json", DM],
     "taesdxl": ["config.json", DM],
     "lcm-lora-sdv1-5": ["pytorch_lora_weights.safetensors"],
+    "clip-vit-base-patch32": CLIP_SCORER,  # from refs/pr/66: main is pickle-only
+    "clip-vit-large-patch14": CLIP_SCORER,
     "sd-1.5-inpainting": SD_FP16,
     "sdxl-inpainting": SDXL_FP16,
     # the x4 upscaler has a second scheduler (the DDPM schedule that noises the low-resolution input)
@@ -179,7 +184,8 @@ def test_download_fetches_exactly_what_the_pipeline_loads(name, downloads, world
     assert snapshot is not None
     fetched = _files(snapshot)
     assert sorted(fetched) == sorted(EXPECTED[name])
-    replica = world["hub"].repos[spec.repo_id].files
+    repo = world["hub"].repos[spec.repo_id]
+    replica = (repo.revisions[spec.revision] if spec.revision else repo).files  # the revision the registry fetches
     assert all(fetched[p] == len(replica[p]) for p in fetched)  # complete files
     companions = COMPANIONS.get(name, {})
     assert {c["repo_id"] for c in plan.get("companions", [])} == set(companions)

@@ -51,7 +51,8 @@ def test_generate_on_a_full_disk_is_one_line_and_exit_1(tiny_pipeline, tmp_path,
     out = tmp_path / "out"
     monkeypatch.setattr(Image.Image, "save", fill_then_fail(OSError(errno.ENOSPC, "No space left on device")))
     result = CliRunner().invoke(app, ["generate", "a cat", "--model", str(tiny_pipeline), "--width", "32",
-                                      "--height", "32", "--steps", "2", "--seed", "1", "--out", str(out)])
+                                      "--height", "32", "--steps", "2", "--seed", "1", "--out", str(out),
+                                      "--progress", "none"])  # only the error on stderr
     assert result.exit_code == 1
     assert result.stderr.strip().startswith("error: the disk is full") and len(result.stderr.strip().splitlines()) == 1
     assert result.stdout == "" and list(out.iterdir()) == []

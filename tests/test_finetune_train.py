@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -266,3 +267,135 @@ def test_lora_header_metadata_is_strings_and_is_built_before_training():
         finetune.header_metadata(bad=[1])
     source = inspect.getsource(finetune)
     assert source.index("metadata = header_metadata(") < source.index("result = trainer.run(")
+
+
+# -- #19 item 13 -------------------------------------------------------------------------------------------
+def test_displayed_loss_is_a_bias_corrected_moving_average():
+    from dallecli.training.trainer import LOSS_BETA, LossAverage
+
+    average = LossAverage()
+    assert LOSS_BETA == 0.98 and math.isnan(average.value)
+    assert average.update(2.0) == pytest.approx(2.0, rel=1e-12)  # step 1 shows its own loss, not 0.04
+    assert average.update(1.0) == pytest.approx((0.98 * 0.04 + 0.02) / (1 - 0.98 ** 2), rel=1e-12)  # 1.49495...
+    steady = LossAverage()
+    assert all(steady.update(0.25) == pytest.approx(0.25, rel=1e-12) for _ in range(60))  # no climb from 0
+    restored = LossAverage()
+    restored.load(average.state())
+    assert restored.state() == {"beta": 0.98, "ema": pytest.approx(0.0592), "count": 2}
+    assert restored.update(3.0) == average.update(3.0)
+    restored.load(None)  # a checkpoint from before: the value in force is kept
+    assert restored.count == 3
+
+
+def test_displayed_loss_continues_exactly_across_a_resume(tiny_pipeline, tmp_path):
+    from dallecli.training.checkpoint import list_checkpoints, load_checkpoint
+    from dallecli.training.finetune import FinetuneHooks, finetune
+
+    def run(output, steps, **extra):
+        reports = []
+        finetune(_config(tiny_pipeline, output, steps=steps, save_every=2, **extra), FinetuneHooks(step=reports.append))
+        return [r.step for r in reports], [r.loss for r in reports]
+
+    straight = run(tmp_path / "straight", 3)
+    first = run(tmp_path / "resumed", 2)
+    _, state = load_checkpoint(list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1])
+    assert state["loss_average"]["count"] == 2 and state["loss_average"]["beta"] == 0.98
+    assert state["loss_average"]["ema"] / (1 - 0.98 ** 2) == pytest.approx(first[1][-1], rel=1e-9)
+    resumed = run(tmp_path / "resumed", 3, resume=True)
+    assert (straight[0], first[0], resumed[0]) == ([1, 2, 3], [1, 2], [3])
+    assert first[1] == pytest.approx(straight[1][:2], rel=1e-6)
+    assert resumed[1][0] == pytest.approx(straight[1][2], rel=1e-5)  # not restarted from step 3's own loss
+
+
+def test_resume_without_a_checkpoint_and_a_batch_larger_than_the_data_say_so(tiny_pipeline, tmp_path):
+    from dallecli.cli.app import app
+
+    output = tmp_path / "o"
+    result = CliRunner().invoke(app, ["finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output", str(output),
+                                      "--steps", "1", "--resume", "--batch-size", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"--resume: no checkpoint in {output / 'checkpoints'}; starting from step 0" in result.stderr
+    assert "--batch-size 8 is larger than the 6 training example(s)" in result.stderr
+    assert json.loads(result.stdout)["resumed_from"] == 0
+    quiet = CliRunner().invoke(app, ["finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output",
+                                     str(tmp_path / "q"), "--steps", "1", "--batch-size", "6", "--flip"])
+    assert quiet.exit_code == 0 and "--batch-size" not in quiet.stderr and "--resume" not in quiet.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be a whole number, at least 1 (got 0)"),
+    (["--rank", "-2"], "--rank must be a whole number, at least 1 (got -2)"),
+    (["--batch-size", "0"], "--batch-size must be a whole number, at least 1 (got 0)"),
+    (["--gradient-accumulation", "0"], "--gradient-accumulation must be a whole number, at least 1 (got 0)"),
+    (["--learning-rate", "-0.5"], "--learning-rate must be a number greater than 0, e.g. 1e-4 (got -0.5)"),
+    (["--save-every", "-1"], "--save-every must be 0 (only at the end) or more (got -1)"),
+    (["--alpha", "0"], "--alpha must be a number greater than 0 (got 0)"),
+    (["--resolution", "0"], "--resolution 0 must be a multiple of 8, at least 8 (e.g. 512 or 768)"),
+])
+def test_out_of_range_options_say_the_range(tmp_path, args, message):
+    from dallecli.cli.app import app
+
+    result = CliRunner().invoke(app, ["finetune", str(PHOTOS), "--output", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2
+    assert result.stderr == f"error: {message}\n"
+
+
+def test_nan_advice_names_mixed_precision_only_when_it_is_on(tiny_pipeline, tmp_path, monkeypatch):
+    from dallecli.errors import TrainingDivergedError
+    from dallecli.training.finetune import finetune
+
+    _nan_from_step(monkeypatch, 1)
+    with pytest.raises(TrainingDivergedError) as plain:
+        finetune(_config(tiny_pipeline, tmp_path / "no", steps=2))
+    assert str(plain.value).endswith("Lower --learning-rate (now 0.001)") and "--mixed-precision" not in str(plain.value)
+    with pytest.raises(TrainingDivergedError) as bf16:
+        finetune(_config(tiny_pipeline, tmp_path / "bf16", steps=2, mixed_precision="bf16"))
+    assert str(bf16.value).endswith("Lower --learning-rate (now 0.001) or use --mixed-precision no")
+
+
+def test_ctrl_c_prints_the_command_that_resumes(tiny_pipeline, tmp_path, monkeypatch):
+    from dallecli.cli.app import app
+    from dallecli.training.trainer import DenoiserTrainer
+
+    original = DenoiserTrainer._loss
+    stop_at = [3]
+
+    def loss(self, latents, ids):
+        if self.step + 1 == stop_at[0]:
+            raise KeyboardInterrupt
+        return original(self, latents, ids)
+
+    monkeypatch.setattr(DenoiserTrainer, "_loss", loss)
+    output = tmp_path / "my out"
+    args = ["finetune", str(PHOTOS), "--model", str(tiny_pipeline), "--output", str(output), "--steps", "4",
+            "--save-every", "2"]
+    monkeypatch.setattr(sys, "argv", ["dalle", *args])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"interrupted: the checkpoint of step 2 is kept in {output / 'checkpoints'}. Resume with: dalle finetune "
+        f"{PHOTOS} --model {tiny_pipeline} --output '{output}' --steps 4 --save-every 2 --resume")
+    stop_at[0] = 1
+    monkeypatch.setattr(sys, "argv", ["dalle", *args[:5], str(tmp_path / "b"), "--steps", "4", "--resume"])
+    fresh = CliRunner().invoke(app, sys.argv[1:])
+    assert fresh.exit_code == 130 and fresh.stderr.count("--resume") == 2  # the notice, and the command once
+    assert "interrupted: no checkpoint was written yet (--save-every N keeps one every N steps); dalle " in fresh.stderr
+    assert fresh.stderr.strip().endswith("--steps 4 --resume starts again from step 0")
+
+
+def test_a_full_model_keeps_its_base_models_generation_defaults(tmp_path):
+    """A --full fine-tune of the embedded model (12 steps, guidance 4, 64 px) generates with 12 / 4 / 64, not the
+    25 / 7 of an unregistered Stable Diffusion folder."""
+    from dallecli.engine.generate import Engine
+    from dallecli.engine.loading import recorded_defaults
+    from dallecli.training.finetune import FinetuneConfig, finetune
+
+    result = finetune(FinetuneConfig(data_dir=PHOTOS, output=tmp_path / "full", steps=1, full=True))  # embedded
+    assert json.loads((result.model / "training.json").read_text())["generation_defaults"] == {
+        "steps": 12, "guidance": 4.0, "width": 64, "height": 64}
+    assert Engine(str(result.model), "cpu", "float32").defaults() == {"steps": 12, "guidance": 4.0, "width": 64,
+                                                                     "height": 64}
+    (tmp_path / "junk").mkdir()
+    for junk in ({"generation_defaults": {"steps": "12"}}, {"generation_defaults": {"steps": 0}}, [1], {}):
+        (tmp_path / "junk" / "training.json").write_text(json.dumps(junk))
+        assert recorded_defaults(tmp_path / "junk") is None

@@ -234,7 +234,7 @@ def test_sdxl_lora_on_the_tiny_model_generates_nothing(tiny_pipeline, tmp_path):
     lora = tmp_path / "xl_style.safetensors"
     save_file(_family_lora(2048, "kohya-sgm"), str(lora))
     result = run_dalle("generate", "a red circle", "--model", str(tiny_pipeline), "--steps", "2",
-                       "--lora", str(lora), "--out", str(tmp_path / "out"))
+                       "--lora", str(lora), "--out", str(tmp_path / "out"), "--progress", "none")
     assert result.returncode == 2  # the user's choice of LoRA: a usage error
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "made for SDXL (cross-attention 2048)" in lines[0] and "(32)" in lines[0], result.stderr

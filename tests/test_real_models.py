@@ -149,7 +149,7 @@ def test_steps_a_scheduler_cannot_plan_are_one_usage_line(tiny_pipeline, tmp_pat
     """PNDM with its Runge-Kutta warm-up fails below 4 steps with a numpy broadcasting error inside diffusers."""
     model = _with_scheduler(tiny_pipeline, tmp_path / "prk", "PNDMScheduler", skip_prk_steps=False)
     done = run_dalle("generate", "a cat", "--model", str(model), "--steps", "2", "--width", "32", "--height", "32",
-                     "--out", str(tmp_path / "out"))
+                     "--out", str(tmp_path / "out"), "--progress", "none")  # no "loading model" line
     assert done.returncode == 2, done.stderr
     assert "--steps 2 does not fit the PNDMScheduler scheduler (it needs at least 4)" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
@@ -214,7 +214,7 @@ def test_moved_repo_and_renamed_alias_map_with_a_notice():
 
 def test_registry_fields_are_consistent():
     for spec in REGISTRY.values():
-        assert spec.kind in ("pipeline", "upscaler", "inpainting", "vae", "tiny-vae", "lora")
+        assert spec.kind in ("pipeline", "upscaler", "inpainting", "vae", "tiny-vae", "lora", "scorer")
         if spec.vae is not None:
             assert REGISTRY[spec.vae].kind == "vae" and REGISTRY[spec.vae].family == spec.family
         if spec.kind in ("pipeline", "inpainting"):

@@ -312,7 +312,7 @@ def test_unknown_layout_one_line(tmp_path, keys, phrase):
 
     file = tmp_path / "odd.safetensors"
     save_file({k: torch.zeros(s) for k, s in keys.items()}, str(file))
-    result = run_dalle("generate", "a cat", "--model", str(file), "--steps", "1")
+    result = run_dalle("generate", "a cat", "--model", str(file), "--steps", "1", "--progress", "none")
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and phrase in lines[0] and "SD 1.x, SD 2.x and SDXL" in lines[0], result.stderr

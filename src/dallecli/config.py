@@ -8,10 +8,19 @@ variable ``DALLE_<KEY>``, the config file, the built-in default. Keys (:data:`CO
     device       DALLE_DEVICE       default device (auto, cpu, cuda, cuda:N, mps).
     dtype        DALLE_DTYPE        default dtype (auto, float32, float16, bfloat16).
     scheduler    DALLE_SCHEDULER    default scheduler (euler, dpm++, ...; otherwise the model's).
+    progress     DALLE_PROGRESS     progress display (auto, bar, plain, none) of every command that shows one.
 
 Other environment variables:
     DALLE_DEBUG=1      show tracebacks instead of one-line errors.
-    DALLE_CONFIG       path of the config file (otherwise ``config.toml`` in :func:`config_dir`).
+    DALLE_CONFIG       path of the config file (otherwise ``config.toml`` in :func:`config_dir`); a path that
+                       does not exist is an error, not an empty configuration.
+    DALLE_THREADS      CPU threads for torch (a whole number >= 1; see :mod:`dallecli.engine.threads`).
+    DALLE_CACHE        folder for dalle's own cache (single-file model configs).
+    DALLE_SERVER       URL of a running ``dalle serve`` for ``dalle generate --server``.
+    DALLE_API_KEY      the key of ``dalle serve`` and of its clients.
+
+A bad value is refused before anything loads (:func:`check_environment`), in a message that names its
+variable, or the config file and key it came from (:func:`setting_source`).
 The Hugging Face variables (HF_HOME, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE, HF_ENDPOINT) are honoured by
 ``huggingface_hub`` itself.
 
@@ -30,7 +39,8 @@ from pathlib import Path
 
 from dallecli.errors import UsageError
 
-CONFIG_KEYS = ("model", "output_dir", "device", "dtype", "scheduler")
+CONFIG_KEYS = ("model", "output_dir", "device", "dtype", "scheduler", "progress")
+PROGRESS_MODES = ("auto", "bar", "plain", "none")
 CONFIG_NAME = "config.toml"
 
 
@@ -75,19 +85,112 @@ def config_path() -> Path:
     return Path(os.environ.get("DALLE_CONFIG") or config_dir() / CONFIG_NAME).expanduser()
 
 
+def setting_source(name: str) -> str | None:
+    """Where the user's default for the :data:`CONFIG_KEYS` key ``name`` comes from, as an error message names
+    it: ``"DALLE_DEVICE"``, ``"'device' in the config file PATH"``, or None when neither sets it.
+
+    Raises:
+        UsageError: the config file is unreadable or invalid.
+    """
+    if env_default(name):
+        return f"DALLE_{name.upper()}"
+    if name in file_config():
+        return f"'{name}' in the config file {config_path()}"
+    return None
+
+
+def parse_threads(value: str | None, variable: str = "DALLE_THREADS") -> int | None:
+    """The thread count in ``value`` (an environment variable's text), None when it is unset or blank.
+
+    Raises:
+        UsageError: not a whole number >= 1; the message names ``variable`` and the value.
+    """
+    text = (value or "").strip()
+    if not text:
+        return None
+    if not (text.isdigit() and int(text) > 0):
+        raise UsageError(f"{variable}={text!r}: give a whole number of threads, at least 1 (or unset it)")
+    return int(text)
+
+
+def environment_problems() -> list[str]:
+    """Bad values in the ``DALLE_*`` variables and the config file's settings, checked without importing torch
+    or diffusers: ``DALLE_THREADS``, ``DALLE_PROGRESS``/``progress``, ``DALLE_DEVICE``/``device``,
+    ``DALLE_DTYPE``/``dtype`` and ``DALLE_SCHEDULER``/``scheduler`` (a short name, or a name shaped like a
+    diffusers class, which is looked up when it is used). A config file that cannot be read is left to
+    :func:`file_config`'s error.
+
+    Returns:
+        One sentence per bad value, naming its variable (or the file and key) and what to give instead.
+    """
+    from dallecli.engine.device import check_device_name, normalize_dtype
+    from dallecli.engine.schedulers import check_scheduler_name
+
+    problems = []
+    try:
+        parse_threads(os.environ.get("DALLE_THREADS"))
+    except UsageError as exc:
+        problems.append(str(exc))
+    try:
+        settings = file_config()
+    except UsageError:
+        settings = {}
+    checks = {"device": check_device_name, "dtype": normalize_dtype, "scheduler": check_scheduler_name,
+              "progress": check_progress_mode}
+    for key, check in checks.items():
+        value = env_default(key) or settings.get(key)
+        if value is None:
+            continue
+        try:
+            check(value, source=f"DALLE_{key.upper()}" if env_default(key) else
+                  f"'{key}' in the config file {config_path()}")
+        except UsageError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def check_environment() -> None:
+    """Refuse bad configuration before a command does anything: a ``DALLE_CONFIG`` that names no file, an
+    invalid config file, or a bad value listed by :func:`environment_problems`.
+
+    Raises:
+        UsageError: the first problem found, naming the variable or the file and key it came from.
+    """
+    file_config()
+    problems = environment_problems()
+    if problems:
+        raise UsageError(problems[0])
+
+
+def check_progress_mode(value: str, source: str = "--progress") -> str:
+    """``value`` if it is one of :data:`PROGRESS_MODES`.
+
+    Raises:
+        UsageError: another value; the message names ``source`` (``--progress``, ``DALLE_PROGRESS`` or the
+            config file's key).
+    """
+    if value not in PROGRESS_MODES:
+        raise UsageError(f"unknown {source} '{value}'; choose one of {', '.join(PROGRESS_MODES)}")
+    return value
+
+
 def file_config() -> dict[str, str]:
     """The settings in the config file (empty when there is no file); each version of the file (path,
     modification time) is read once per process.
 
     Raises:
-        UsageError: the file is not valid TOML, has an unknown key or a value that is not a string; the
-            message names the file and the key.
+        UsageError: ``DALLE_CONFIG`` names a file that does not exist; the file is not valid TOML, has an
+            unknown key or a value that is not a string (the message names the file and the key).
     """
     path = config_path()
     try:
         stamp = path.stat().st_mtime_ns
     except OSError:
         stamp = None
+        named = os.environ.get("DALLE_CONFIG")
+        if named and not path.exists():  # a typo in DALLE_CONFIG must not silently drop every setting
+            raise UsageError(f"DALLE_CONFIG={named}: no such file; create it, or unset DALLE_CONFIG to use "
+                             f"{config_dir() / CONFIG_NAME}") from None
     return dict(_read_config(path, stamp))
 
 

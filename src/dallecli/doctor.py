@@ -15,7 +15,8 @@ from pathlib import Path
 
 PACKAGES = ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "accelerate", "peft",
             "typer", "pillow")
-BUILT_IN = {"model": "shapes", "output_dir": "dalle-out", "device": "auto", "dtype": "auto", "scheduler": None}
+BUILT_IN = {"model": "shapes", "output_dir": "dalle-out", "device": "auto", "dtype": "auto", "scheduler": None,
+            "progress": "auto"}
 LOW_DISK_BYTES = 10 * 1000**3  # below this, a model download (2-25 GB) may not fit
 
 
@@ -130,7 +131,7 @@ def diagnose() -> dict:
         cache and the output folder live), ``problems`` (sentences, empty when all is well).
     """
     from dallecli import __version__
-    from dallecli.config import config_path, file_config
+    from dallecli.config import config_path, environment_problems, file_config
     from dallecli.errors import UsageError
 
     problems: list[str] = []
@@ -153,6 +154,7 @@ def diagnose() -> dict:
         problems.append(str(exc))
     report["config"] = config
     report["defaults"] = _defaults(config["values"])
+    problems.extend(environment_problems())  # DALLE_THREADS=abc, DALLE_DEVICE=bogus: what other commands refuse
 
     try:
         from dallecli.engine.device import resolve_device, resolve_dtype
@@ -167,6 +169,8 @@ def diagnose() -> dict:
     except ImportError as exc:
         report["devices"], report["auto"] = [], None
         problems.append(f"torch cannot be imported ({exc})")
+    except UsageError:  # a bad DALLE_THREADS or DALLE_DEVICE: already among the problems
+        report["devices"], report["auto"] = [], None
 
     try:
         cache = hf_cache_dir()

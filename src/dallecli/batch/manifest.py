@@ -1,14 +1,59 @@
 """``manifest.jsonl``: the record of a batch output folder, shared by every process that writes to it.
 
-The first line is the run header, ``{"type": "run", "base_seed": ..., ...}``, created atomically by whichever
-process comes first (the others read it, so all shards and every resume use the same base seed). Then one line
-per image: ``{"type": "image", "status": "done", "row", "line", "image", "prompt", "seed", <settings>, "path",
-"seconds", ...}`` once the PNG is in place, or ``"status": "failed"`` with ``"error"``. ``path`` is the file's
-name directly inside the folder; a record whose ``path`` is anything else (``../x.png``, an absolute path, a
-sub-folder, a symbolic link) is ignored: nothing outside the folder is ever read or deleted through the manifest.
-``seconds`` is the wall time of the image's forward pass divided by the images in it. The settings include the
-engine's ``dtype``, ``vae``, ``loras`` and ``model_revision``: with the prompt, seed and row settings they are
-the resume key (:data:`dallecli.batch.plan.KEY_FIELDS`).
+The first line is the run header, created atomically by whichever process comes first (the others read it, so
+all shards and every resume use the same base seed):
+
+    type        "run"
+    base_seed   the base seed of every image's seed (:func:`dallecli.batch.plan.image_seed`)
+    started     when the first run started, ISO 8601 local time with its offset
+    source      the prompt file as given on the command line, or "stdin" (``dalle batch -``)
+    version     the dallecli version of the first run
+
+Then one line per image, appended once its file is in place (``"status": "done"``) or when it failed
+(``"status": "failed"``):
+
+    type            "image"
+    status          "done" or "failed"
+    row, line       the record's 0-based row number and 1-based line in the prompt file
+    image           the image's 0-based number within its row
+    prompt, seed    the prompt and the image's own seed
+    negative_prompt, steps, guidance_scale, width, height
+                    the settings it was made with (a row's own values or the options; None: no negative prompt)
+    model           the model's name (alias, repo id or folder)
+    scheduler       the scheduler that ran: our short name (``euler``, ...) or the diffusers class name of the
+                    model's own (``PNDMScheduler``); None in a failed record
+    requested_scheduler
+                    what ``--scheduler`` asked for, "default" for the model's own (part of the resume key)
+    clip_skip       AUTOMATIC1111 numbering (None: no layer skipped)
+    init_image, mask, strength
+                    a row's image-to-image or inpainting inputs (absolute paths) and strength, or None
+    dtype, vae, loras, model_revision
+                    the engine's resolved dtype, ``--vae`` name (None: the model's own), LoRAs as
+                    ``[path or name, scale]`` pairs, and the model's resolved revision
+    device          the device it ran on (done records)
+    base_seed, shard
+                    the run's base seed and ``--shard I/N`` (None: unsharded)
+    path            the file's name directly inside the folder (done records)
+    seconds         the wall time of the image's forward pass divided by the images in it (None for an image
+                    found on disk and recorded afterwards)
+    error           why it failed (failed records)
+    rerank, scorer  ``--rerank K`` and the scorer's name (None: no reranking); part of the resume key
+    reranked        with --rerank, done records: ``{"winner_seed", "clip_score", "candidate_seeds"}`` (``seed``
+                    is then the first candidate's, the key's; the image's own is ``winner_seed``)
+
+A record whose ``path`` is anything but a plain file name inside the folder (``../x.png``, an absolute path, a
+sub-folder, a symbolic link) is ignored: nothing outside the folder is ever read or deleted through the
+manifest. :data:`dallecli.batch.plan.KEY_FIELDS` (row, image, prompt, seed, the settings, model,
+``requested_scheduler``, clip skip, inputs, and the engine's dtype, vae, loras and model_revision) is the resume
+key: a job whose key has a done record, with its file on disk, is not made again.
+
+Older manifests stay readable: before #19, ``scheduler`` held the ``--scheduler`` value ("default" for the
+model's own) and an undocumented ``sampler`` field the one that ran; a record without ``requested_scheduler``
+takes its key from that ``scheduler`` (:func:`dallecli.batch.plan.record_key`). Before #18, records lacked
+``vae``, ``loras`` and ``model_revision`` (:func:`finished_images`).
+
+Prompts read from stdin are kept beside the manifest as ``stdin-<sha256 prefix>.<format>``
+(:func:`save_stdin_copy`), so that a resume can feed the same prompts again.
 
 Each line is appended with one ``write`` on an ``O_APPEND`` descriptor and fsynced, so lines from parallel
 processes never interleave and a line is either whole or absent. Later lines win over earlier ones.
@@ -16,6 +61,7 @@ processes never interleave and a line is either whole or absent. Later lines win
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -70,6 +116,31 @@ def start_run(folder: Path, base_seed: int, header: dict | None = None) -> int:
         time.sleep(0.02)
     append_record(folder, json.loads(line))  # a manifest without a header (written by hand): add one
     return base_seed
+
+
+def save_stdin_copy(folder: Path, data: bytes, fmt: str) -> Path:
+    """Keep prompts read from stdin in the output folder, named by their content, so that a resume feeds the
+    same prompts again (``dalle batch - ... < FOLDER/stdin-<hash>.txt``); written atomically, once.
+
+    Args:
+        folder: the output folder (exists).
+        data: the bytes read from stdin, as they came.
+        fmt: their format ("txt", "csv", "tsv" or "jsonl"), the file's suffix.
+
+    Returns:
+        The copy's path, ``folder/stdin-<first 12 hex digits of the sha256>.<fmt>``.
+
+    Raises:
+        DiskFullError: no space left (or quota exceeded).
+        OSError: the file cannot be written.
+    """
+    path = Path(folder) / f"stdin-{hashlib.sha256(data).hexdigest()[:12]}.{fmt}"
+    if not path.is_file():
+        try:
+            write_file(path, data, overwrite=False, what=f"the prompts read from stdin in {folder}")
+        except FileExistsError:  # another shard wrote the same prompts first
+            pass
+    return path
 
 
 def append_record(folder: Path, record: dict) -> None:
@@ -180,3 +251,10 @@ def _write_all(fd: int, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def in_format(finished: dict[tuple, list[Path]], suffix: str) -> dict[tuple, list[Path]]:
+    """The finished images (:func:`finished_images`) whose files end in ``suffix`` (``--format``'s: ".jpg"): a
+    re-run in another format makes its images again, in that format, instead of counting the others as done."""
+    kept = {key: [path for path in paths if path.suffix.lower() == suffix] for key, paths in finished.items()}
+    return {key: paths for key, paths in kept.items() if paths}

@@ -4,7 +4,8 @@ Seeds: with a base seed B (``--seed``, or drawn once and kept in the manifest's 
 gets ``(B + 1000 * r + i) mod 2**32``; a row with its own ``seed`` S gets ``(S + i) mod 2**32`` (as
 ``dalle generate --seed S -n N`` does). A row makes at most 1000 images, so no two images of a file share a
 seed unless rows set their own. The seed depends on nothing else: not on ``--batch-size``, the shard, the
-order of work or what is already done.
+order of work or what is already done. With ``--rerank K``, image i's K candidates take the seeds that images
+i*K .. i*K+K-1 would have (the job's, and the resume key's, ``seed`` is the first); the winner records its own.
 
 Shards: ``--shard I/N`` (or ``RANK``/``WORLD_SIZE`` from torchrun/accelerate) takes the rows r with
 r mod N == I; every process parses and validates the whole file, so they all agree on row numbers.
@@ -24,10 +25,12 @@ from dallecli.errors import UsageError
 
 SEED_STRIDE = MAX_IMAGES_PER_ROW
 DEFAULT_BATCH_SIZE = 4
-# the fields that identify a finished image in the manifest (a job with the same values is not redone)
+# the fields that identify a finished image in the manifest (a job with the same values is not redone);
+# "requested_scheduler" is the --scheduler value ("default": the model's own), known before the model loads;
+# the manifest's "scheduler" is the one that ran (dallecli.batch.manifest)
 KEY_FIELDS = ("row", "image", "prompt", "seed", "negative_prompt", "steps", "guidance_scale", "width", "height",
-              "model", "scheduler", "clip_skip", "init_image", "mask", "strength",
-              "dtype", "vae", "loras", "model_revision")
+              "model", "requested_scheduler", "clip_skip", "init_image", "mask", "strength",
+              "dtype", "vae", "loras", "model_revision", "rerank", "scorer")
 # the fields a manifest written before #18 lacks (dtype was already recorded): see manifest.finished_images
 ADDED_KEY_FIELDS = ("vae", "loras", "model_revision")
 
@@ -109,6 +112,8 @@ class BatchOptions:
     scheduler: str | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     clip_skip: int | None = None  # AUTOMATIC1111 numbering; None (or 1) skips nothing
+    rerank: int | None = None  # --rerank K: each image the best of K candidates; None: no reranking
+    scorer: str | None = None  # the scorer's name with --rerank (None: the embedded one)
 
 
 def validate_options(options: BatchOptions) -> None:
@@ -124,6 +129,13 @@ def validate_options(options: BatchOptions) -> None:
     ))
     if options.n > MAX_IMAGES_PER_ROW:
         raise UsageError(f"-n/--num-images is at most {MAX_IMAGES_PER_ROW} per row in dalle batch (got {options.n})")
+    if options.rerank is not None:
+        from dallecli.scoring.rerank import check_candidates
+
+        check_candidates(options.rerank)
+        if options.n * options.rerank > MAX_IMAGES_PER_ROW:
+            raise UsageError(f"-n x --rerank is at most {MAX_IMAGES_PER_ROW} candidates per row in dalle batch "
+                             f"(got {options.n} x {options.rerank})")
     if options.seed is not None and not 0 <= options.seed <= MAX_SEED:
         raise UsageError(f"--seed must be between 0 and {MAX_SEED} (got {options.seed})")
 
@@ -148,6 +160,8 @@ class Settings:
     vae: str | None = None  # the replacement VAE's name (--vae); None for the model's own
     loras: tuple[tuple[str, float], ...] = ()  # (path or registry name, scale) of each LoRA applied
     model_revision: str | None = None  # the model's resolved revision (Hub commit, dallecli-VERSION, sha256:...)
+    rerank: int | None = None  # --rerank K (None: none); with the scorer's name, part of the resume key
+    scorer: str | None = None  # the scorer's recorded name with --rerank
 
     def request(self) -> GenerationRequest:
         """These settings as a request for :meth:`~dallecli.engine.generate.Engine.generate_items`."""
@@ -179,11 +193,15 @@ class Job:
     prompt: str
     seed: int
     settings: Settings
+    candidate_seeds: tuple[int, ...] = ()  # with --rerank K: the K candidates' seeds (``seed`` is the first)
 
     def fields(self) -> dict:
-        """The job as flat manifest fields (row, line, image, prompt, seed and the settings)."""
+        """The job as flat manifest fields (row, line, image, prompt, seed and the settings); the settings'
+        ``scheduler`` (what ``--scheduler`` asked for) is ``requested_scheduler``, and ``scheduler`` is None
+        until the image is made (the manifest then records the scheduler that ran)."""
+        settings = asdict(self.settings)
         return {"row": self.row, "line": self.line, "image": self.image, "prompt": self.prompt, "seed": self.seed,
-                **asdict(self.settings)}
+                **settings, "scheduler": None, "requested_scheduler": settings["scheduler"]}
 
     def key(self) -> tuple:
         """What identifies this image in the manifest (:data:`KEY_FIELDS`)."""
@@ -195,6 +213,8 @@ def record_key(record: Mapping) -> tuple:
     Any JSON value gives a key (a hand-edited line never crashes a resume; it just matches no job)."""
     def value(name):
         found = record.get(name)
+        if name == "requested_scheduler" and name not in record:  # a manifest written before #19
+            found = record.get("scheduler")  # then held the --scheduler value ("default"); "sampler" what ran
         if name == "guidance_scale" and isinstance(found, (int, float)) and not isinstance(found, bool):
             return float(found)
         if isinstance(found, (list, tuple, dict)):  # loras (tuples in a job, lists once read back), or junk
@@ -254,10 +274,14 @@ def plan_jobs(rows: Iterable[PromptRow], options: BatchOptions, model_defaults: 
             model=model, scheduler=options.scheduler or "default",
             clip_skip=options.clip_skip if options.clip_skip != 1 else None,
             init_image=init_image, mask=given.get("mask"), strength=given.get("strength"), **(identity or {}),
+            rerank=options.rerank, scorer=options.scorer if options.rerank else None,
         )
+        per_image = options.rerank or 1  # candidate j of image i has the seed of image i*K + j of a plain run
         for image in range(given.get("n", options.n)):
-            seed = image_seed(base_seed, row.row, image, given.get("seed"))
-            jobs.append(Job(row.row, row.line, image, row.prompt, seed, settings))
+            seeds = tuple(image_seed(base_seed, row.row, image * per_image + j, given.get("seed"))
+                          for j in range(per_image))
+            jobs.append(Job(row.row, row.line, image, row.prompt, seeds[0], settings,
+                            seeds if options.rerank else ()))
     return jobs
 
 

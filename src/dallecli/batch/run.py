@@ -55,11 +55,12 @@ class BatchSummary:
 
 
 def run_jobs(engine, batches: list[list[Job]], folder: Path, *, extra: dict | None = None,
-             replace: dict[tuple, list[Path]] | None = None, on_step: StepCallback | None = None
-             ) -> Iterator[JobOutcome]:
+             replace: dict[tuple, list[Path]] | None = None, on_step: StepCallback | None = None,
+             fmt=None, best_of=None) -> Iterator[JobOutcome]:
     """Make the images of ``batches`` (one forward pass each), yielding each job's outcome.
 
-    Each image is written with :func:`dallecli.images.write_png` (atomic, never overwriting; its file-name
+    Each image is written with :func:`dallecli.images.write_image` in ``fmt`` (a
+    :class:`~dallecli.images.OutputFormat`, default PNG; atomic, never overwriting; its file-name
     number is the row number, also on a name clash, which tags the name ``.2``, ``.3``, ...), then its
     manifest line is appended. A pass that raises is retried one image at
     a time, and an image that still fails is recorded as failed; the run goes on. Ctrl-C
@@ -73,26 +74,51 @@ def run_jobs(engine, batches: list[list[Job]], folder: Path, *, extra: dict | No
         replace: ``--overwrite``: job key -> earlier files of that image, deleted just before the new one is
             written (only files directly inside ``folder``: :func:`dallecli.batch.manifest.image_file`).
         on_step: progress callback ``(step, steps)`` after each denoising step.
+        best_of: ``--rerank`` (a :class:`dallecli.scoring.rerank.BestOf`): each job's candidates
+            (``Job.candidate_seeds``) are made in the same pass, the best by the scorer is written with its score
+            and rank in its metadata and its manifest line's ``rerank``; with ``keep``, the others go to
+            ``candidates/``.
 
     Raises:
         OSError: an image or the manifest cannot be written (not a row failure: the run stops).
     """
     for batch in batches:
-        yield from _run_batch(engine, batch, Path(folder), extra or {}, replace or {}, on_step)
+        yield from _run_batch(engine, batch, Path(folder), extra or {}, replace or {}, on_step, fmt, best_of)
 
 
-def _run_batch(engine, batch, folder, extra, replace, on_step):
+def _generate(engine, batch, on_step, best_of):
+    """Per job of ``batch``: ``(GeneratedImage to write, rerank record or None, losing candidates)``."""
+    request = batch[0].settings.request()
+    if best_of is None:
+        results = engine.generate_items([(job.prompt, job.seed) for job in batch], request, on_step=on_step)
+        return [(result, None, []) for result in results]
+    from dallecli.scoring.rerank import rank_group
+
+    items = [(job.prompt, seed) for job in batch for seed in job.candidate_seeds]
+    results = engine.generate_items(items, request, on_step=on_step)
+    scores = best_of.scorer.score([r.image for r in results], [prompt for prompt, _ in items])
+    out, start = [], 0
+    for number, job in enumerate(batch):
+        count = len(job.candidate_seeds)
+        ranked = rank_group(results[start:start + count], scores[start:start + count], number)
+        start += count
+        records = [r.metadata(best_of.scorer, list(job.candidate_seeds)) for r in ranked]
+        out.append((ranked[0].result, records[0],
+                    list(zip((r.result for r in ranked[1:]), records[1:])) if best_of.keep else []))
+    return out
+
+
+def _run_batch(engine, batch, folder, extra, replace, on_step, fmt=None, best_of=None):
     from dallecli.engine.schedulers import a1111_sampler
-    from dallecli.images import write_png
+    from dallecli.images import write_image
 
     start = time.perf_counter()
     try:
-        results = engine.generate_items([(job.prompt, job.seed) for job in batch], batch[0].settings.request(),
-                                        on_step=on_step)
+        made = _generate(engine, batch, on_step, best_of)
     except Exception as exc:  # noqa: BLE001 - any failure of a pass is recorded, the run goes on
         if len(batch) > 1:
             for job in batch:
-                yield from _run_batch(engine, [job], folder, extra, replace, on_step)
+                yield from _run_batch(engine, [job], folder, extra, replace, on_step, fmt, best_of)
             return
         error = first_line(exc)
         append_record(folder, {"type": "image", "status": "failed", **batch[0].fields(), **extra,
@@ -100,26 +126,34 @@ def _run_batch(engine, batch, folder, extra, replace, on_step):
         yield JobOutcome(batch[0], "failed", error=error)
         return
     seconds = (time.perf_counter() - start) / len(batch)
-    for job, result in zip(batch, results):
+    for job, (result, rerank, losers) in zip(batch, made):
         settings = result.settings.to_dict()
         for old in replace.get(job.key(), []):
             if image_file(folder, Path(old).name) == Path(old):  # never a file outside the folder
                 old.unlink(missing_ok=True)
-        path = write_png(result.image, folder, settings, a1111_sampler(settings["scheduler"]), index=job.row,
-                         keep_index=True)
+        for loser, record in losers:  # --keep-candidates
+            write_image(loser.image, folder / "candidates", {**loser.settings.to_dict(), "rerank": record},
+                        a1111_sampler(settings["scheduler"]), index=job.row, keep_index=True, fmt=fmt)
+        if rerank:
+            settings["rerank"] = rerank
+        path = write_image(result.image, folder, settings, a1111_sampler(settings["scheduler"]), index=job.row,
+                           keep_index=True, fmt=fmt)
         append_record(folder, {"type": "image", "status": "done", **job.fields(), **extra,
-                               "sampler": settings["scheduler"], "dtype": settings["dtype"],
-                               "device": settings["device"], "path": path.name, "seconds": round(seconds, 4)})
+                               "scheduler": settings["scheduler"], "dtype": settings["dtype"],
+                               "device": settings["device"], "path": path.name, "seconds": round(seconds, 4),
+                               **({"reranked": {"winner_seed": settings["seed"], "clip_score": rerank["clip_score"],
+                                              "candidate_seeds": rerank["candidate_seeds"]}} if rerank else {})})
         yield JobOutcome(job, "done", path, seconds, warnings=result.warnings,
                          unknown_words=list(result.settings.unknown_words or []))
 
 
-def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -> tuple[list[Job], list[Job]]:
+def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None, suffix: str = ".png"
+                  ) -> tuple[list[Job], list[Job]]:
     """Find images written by an earlier run that stopped before recording them (between the PNG and its
     manifest line); record them instead of making them again.
 
-    An orphan is the file a job would be written to (:func:`dallecli.images.image_name` with the row number)
-    whose stored metadata matches the job's prompt, seed and settings.
+    An orphan is the file a job would be written to (:func:`dallecli.images.image_name` with the row number
+    and ``suffix``, the ``--format``'s) whose stored metadata matches the job's prompt, seed and settings.
 
     Returns:
         (still pending, adopted) jobs.
@@ -129,7 +163,10 @@ def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -
 
     still, adopted = [], []
     for job in pending:
-        path = Path(folder) / image_name(job.row, job.seed, job.prompt)
+        if job.candidate_seeds:  # a --rerank winner's seed is not known before its candidates are scored
+            still.append(job)
+            continue
+        path = Path(folder) / image_name(job.row, job.seed, job.prompt, suffix)
         try:
             stored = read_metadata(path) if path.is_file() else None
         except UsageError:
@@ -154,7 +191,7 @@ def adopt_orphans(folder: Path, pending: list[Job], extra: dict | None = None) -
         if stored and same_input and stored.get("source") == "dalle" and all(
                 stored.get(k) == v for k, v in expected.items()):
             append_record(folder, {"type": "image", "status": "done", **job.fields(), **(extra or {}),
-                                   "sampler": stored.get("scheduler"), "dtype": stored.get("dtype"),
+                                   "scheduler": stored.get("scheduler"), "dtype": stored.get("dtype"),
                                    "device": stored.get("device"), "path": path.name, "seconds": None})
             adopted.append(job)
         else:

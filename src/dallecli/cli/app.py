@@ -14,6 +14,7 @@ from dallecli.cli.batch import batch
 from dallecli.cli.doctor import doctor
 from dallecli.cli.generate import generate
 from dallecli.cli.info import info
+from dallecli.cli.score import score
 from dallecli.cli.models import models_app
 from dallecli.cli.variations import variations
 from dallecli.cli.upscale import upscale
@@ -56,13 +57,19 @@ app.command("download")(download)
 app.command("finetune")(finetune)
 app.add_typer(models_app, name="models")
 app.command("info")(info)
+app.command("score")(score)
 app.command("doctor")(doctor)
 app.command("serve")(serve)
 
 
 def main() -> None:
     """Console-script entry point."""
+    import signal
+
+    from dallecli.cli.errors import interrupt_once
     from dallecli.engine.threads import mark_start
 
     mark_start()  # the thread policy measures other processes' CPU use while torch imports
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, interrupt_once)  # a second Ctrl-C cannot interrupt the clean-up
     app()

@@ -49,7 +49,7 @@ def _render(report: dict) -> list[str]:
     return lines
 
 
-@handles_errors
+@handles_errors(check_environment=False)  # bad DALLE_* values are among the problems it lists
 def doctor(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:

@@ -1,4 +1,5 @@
-"""``dalle download``: fetch what a pipeline loads from the Hugging Face Hub into the shared HF cache."""
+"""``dalle download``: fetch what a pipeline (or a VAE, LoRA or CLIP scorer) loads from the Hugging Face Hub into
+the shared HF cache."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dallecli.cli.errors import handles_errors
 @handles_errors
 def download(
     name: Annotated[str, typer.Argument(help="Registry alias (see `dalle models`) or org/name Hub repo id.")],
-    revision: Annotated[Optional[str], typer.Option(help="Branch, tag or commit (default: main).")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Branch, tag, refs/pr/N or commit (default: the registry's, else main).")] = None,
     variant: Annotated[Optional[str], typer.Option(help="Weights variant, e.g. fp16 (default: the registry's).")] = None,
     token: Annotated[Optional[str], typer.Option(help="Hub token for gated models (default: $HF_TOKEN or `hf auth login`).",
                                                  show_default=False)] = None,
@@ -21,7 +22,7 @@ def download(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and total size; download nothing.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of lines.")] = False,
 ) -> None:
-    """Download a model, VAE or LoRA from the Hugging Face Hub (only the files dalle loads)."""
+    """Download a model, VAE, LoRA or CLIP scorer from the Hugging Face Hub (only the files dalle loads)."""
     from dallecli.cli.console import info, out, out_json, progress_bar
     from dallecli.store.download import human_size, missing_bytes, plan_download
     from dallecli.store.download import download as fetch

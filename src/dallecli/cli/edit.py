@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (BatchSize, CacheDir, Device, Dtype, Guidance, Height, JsonOutput, LowMemory, Model,
-                                  NegativePrompt, NumImages, OutFolder, Revision, Scheduler, Seed, Steps, Strength, Vae,
-                                  Width)
+from dallecli.cli.options import Progress
+from dallecli.cli.options import (BatchSize, CacheDir, Device, Dtype, Guidance, Height, ImageFormat, JsonOutput,
+                                  LowMemory, Model, NegativePrompt, NumImages, OutFolder, Quality, Revision, Scheduler,
+                                  Seed, Steps, Strength, Vae, Width)
 
 
 @handles_errors
@@ -31,22 +32,27 @@ def edit(
     cache_dir: CacheDir = None,
     scheduler: Scheduler = None,
     out: OutFolder = None,
+    image_format: ImageFormat = None,
+    quality: Quality = None,
     batch_size: BatchSize = None,
     device: Device = None,
     dtype: Dtype = None,
     vae: Vae = None,
     low_memory: LowMemory = None,
     json_output: JsonOutput = False,
+    progress: Progress = None,
 ) -> None:
     """Repaint the masked area of an image from a prompt (strength 1 by default); unmasked pixels are kept exactly."""
     from dallecli.cli.running import prepare_run, run_local
     from dallecli.engine.request import GenerationRequest
+    from dallecli.images import output_format
 
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt or None, num_images=num_images, seed=seed, steps=steps,
         guidance_scale=guidance, width=width, height=height, scheduler=scheduler, batch_size=batch_size,
         task="inpaint", image=str(image), mask=str(mask) if mask is not None else None, strength=strength,
     )
-    request, folder = prepare_run(request, out)  # before any model loads
+    fmt = output_format(image_format, quality)
+    request, folder = prepare_run(request, out, fmt)  # before any model loads
     run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
-              vae=vae, low_memory=low_memory, revision=revision)
+              vae=vae, low_memory=low_memory, revision=revision, fmt=fmt, progress=progress)

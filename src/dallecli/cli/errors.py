@@ -1,13 +1,18 @@
 """The one place where errors become a one-line message on stderr and an exit code.
 
 Exit codes: 1 runtime error (file-system errors and unforeseen faults included: one line, never a traceback),
-2 usage error, 3 out of memory, 130 interrupted (Ctrl-C).
-``DALLE_DEBUG=1`` re-raises so the traceback shows.
+2 usage error (a bad ``DALLE_*`` variable or config file included, refused before the command runs), 3 out of
+memory, 130 interrupted (Ctrl-C). A reader that closes stdout early (``dalle batch f.txt | head -1``) ends the
+command quietly with exit 1, as Python's documented SIGPIPE handling, Click and Rich (for stderr) do: no
+message, no traceback, finished images kept. ``DALLE_DEBUG=1`` re-raises so the traceback shows.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import sys
 
 import typer
 
@@ -15,6 +20,7 @@ from dallecli.config import debug_enabled
 from dallecli.errors import DalleError, first_line
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 1  # as Python's docs, Click and Rich exit when their output pipe is closed
 
 
 class Interrupted(KeyboardInterrupt):
@@ -46,15 +52,49 @@ def library_error(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
-def handles_errors(command):
-    """Decorate a Typer command so that DalleError and Ctrl-C end it with a message and exit code."""
+def interrupt_once(signum, frame) -> None:
+    """SIGINT handler (installed by the entry point): the first Ctrl-C raises KeyboardInterrupt, and later ones
+    are ignored while the command cleans up and says "interrupted" once; a second Ctrl-C pressed while the
+    first is being handled would otherwise land in the clean-up or the interpreter's exit, as a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def quiet_broken_pipe() -> None:
+    """After stdout's reader went away (``dalle batch f.txt | head -1``): point stdout at /dev/null so that no
+    later write or the interpreter's final flush raises again (Python's documented handling of SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (a test runner's capture): nothing to flush
+        pass
+
+
+def handles_errors(command=None, *, check_environment: bool = True):
+    """Decorate a Typer command so that DalleError and Ctrl-C end it with a message and exit code.
+
+    Used bare (``@handles_errors``) or with ``check_environment=False`` for a command that reports bad
+    ``DALLE_*`` variables itself (``dalle doctor``) instead of refusing to run.
+    """
+    if command is None:
+        return functools.partial(handles_errors, check_environment=check_environment)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from dallecli.cli.console import info
 
         try:
+            if check_environment:
+                from dallecli.config import check_environment as check
+
+                check()  # DALLE_THREADS=abc, DALLE_DEVICE=bogus: refused before torch is imported
             return command(*args, **kwargs)
+        except BrokenPipeError:  # the reader of stdout closed it: stop quietly; what finished is kept
+            if debug_enabled():
+                raise
+            quiet_broken_pipe()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except DalleError as exc:
             if debug_enabled():
                 raise

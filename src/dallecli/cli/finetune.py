@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import CacheDir, Revision
+from dallecli.cli.completion import complete_model
+from dallecli.cli.errors import Interrupted, handles_errors
+from dallecli.cli.options import CacheDir, Progress, Revision
 
 
 class _Progress:
-    """Rich bar on stderr (step, smoothed loss, steps/s, ETA); a line every ~10% when stderr is not a terminal."""
+    """Rich bar on stderr (step, smoothed loss, steps/s, ETA); with --progress plain (the default off a terminal) a
+    line every ~10%; with none, nothing."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, mode: str | None = None):
         from dallecli.cli.console import err
 
-        self.total, self.console = total, err()
+        self.total, self.console, self.mode = total, err(), mode
         self.context = self.bar = None
         self.started = self.first = None
 
@@ -30,7 +34,7 @@ class _Progress:
 
         self.context = progress_bar(self.total, "training", elapsed=False, completed=at,
                                     extra_columns=("loss {task.fields[loss]}", "{task.fields[rate]} steps/s"),
-                                    fields={"loss": "-", "rate": "-"})
+                                    fields={"loss": "-", "rate": "-"}, mode=self.mode)
         self.bar = self.context.__enter__()
 
     def step(self, report) -> None:
@@ -39,7 +43,7 @@ class _Progress:
         rate = (report.step - self.first) / max(time.perf_counter() - self.started, 1e-9)
         if self.bar.shown:
             self.bar.update(completed=report.step, loss=f"{report.loss:.4f}", rate=f"{rate:.2f}")
-        elif report.step % max(1, self.total // 10) == 0 or report.step == self.total:
+        elif self.bar.mode == "plain" and (report.step % max(1, self.total // 10) == 0 or report.step == self.total):
             eta = (self.total - report.step) / rate if rate else 0
             self.console.print(f"step {report.step}/{self.total}  loss {report.loss:.4f}  {rate:.2f} steps/s  "
                                f"ETA {eta:.0f}s", markup=False)
@@ -50,10 +54,21 @@ class _Progress:
             self.context = None
 
 
+def _interrupted(config, step: int | None) -> str:
+    """What Ctrl-C kept, and the command that resumes (this command with --resume)."""
+    argv = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--no-resume")]
+    command = shlex.join(["dalle", *argv, "--resume"])
+    if step is None:
+        return (f"interrupted: no checkpoint was written yet (--save-every N keeps one every N steps); {command} "
+                "starts again from step 0")
+    return (f"interrupted: the checkpoint of step {step} is kept in {config.output_dir() / 'checkpoints'}. "
+            f"Resume with: {command}")
+
+
 @handles_errors
 def finetune(
     data_dir: Annotated[Path, typer.Argument(help="Folder of images with captions (.txt/.caption, metadata.jsonl or metadata.csv).")],
-    model: Annotated[Optional[str], typer.Option(help="Base model: alias, repo id or folder (default: embedded).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model: alias, repo id or folder (default: embedded).", autocompletion=complete_model)] = None,
     revision: Revision = None,
     cache_dir: CacheDir = None,
     output: Annotated[Optional[Path], typer.Option(help="Output folder (default: ./<DATA_DIR name>-lora).")] = None,
@@ -80,10 +95,11 @@ def finetune(
     sample_every: Annotated[int, typer.Option(help="Steps between sample images (0: none).")] = 0,
     export_kohya: Annotated[bool, typer.Option(help="Also write lora.kohya.safetensors (kohya/A1111 keys).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    progress_display: Progress = None,
 ) -> None:
     """Fine-tune a model on a folder of your images (LoRA by default)."""
     from dallecli.cli.console import info, out, out_json, warn
-    from dallecli.training.finetune import FinetuneConfig, FinetuneHooks, finetune as run_finetune
+    from dallecli.training.finetune import FinetuneConfig, FinetuneHooks, finetune as run_finetune, latest_checkpoint_step
 
     config = FinetuneConfig(
         data_dir=data_dir, output=output, model=model, revision=revision, cache_dir=cache_dir, rank=rank, alpha=alpha, learning_rate=learning_rate,
@@ -95,7 +111,9 @@ def finetune(
         sample_every=sample_every if sample_every or not sample_prompt else max(1, steps // 4),
         export_kohya=export_kohya,
     )
-    progress = _Progress(steps)
+    from dallecli.cli.console import progress_mode
+
+    progress = _Progress(steps, progress_mode(progress_display))  # a bad --progress is refused before loading
 
     def scanned(scan) -> None:
         for skipped in scan.skipped:
@@ -106,12 +124,15 @@ def finetune(
         info(f"resumed at step {step}; {max(0, steps - step)} step(s) to go")
 
     hooks = FinetuneHooks(
-        scanned=scanned, stage=info, resumed=resumed, started=progress.start, step=progress.step,
+        scanned=scanned, stage=info, notice=warn, resumed=resumed, started=progress.start, step=progress.step,
         sampled=lambda step, paths: paths and info(f"step {step}: {len(paths)} sample(s) in {paths[0].parent}"),
         saved=lambda step: None,
     )
     try:
         result = run_finetune(config, hooks)
+    except KeyboardInterrupt:
+        progress.close()
+        raise Interrupted(_interrupted(config, latest_checkpoint_step(config))) from None
     finally:
         progress.close()
     import os

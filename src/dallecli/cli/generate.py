@@ -8,9 +8,10 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (BatchSize, CacheDir, ClipSkip, Device, Dtype, Guidance, Height, JsonOutput, LowMemory,
-                                  Model, NegativePrompt, NumImages, OutFolder, Revision, Scheduler, Seed, Steps,
-                                  Strength, Vae, Width)
+from dallecli.cli.options import (BatchSize, CacheDir, ClipSkip, Device, Dtype, Guidance, Height, ImageFormat,
+                                  JsonOutput, KeepCandidates, LowMemory, Model, NegativePrompt, NumImages, OutFolder,
+                                  Progress, Quality, Rerank, Revision, Scheduler, Scorer, Seed, Steps, Strength, Vae,
+                                  Width)
 
 
 @handles_errors
@@ -29,13 +30,19 @@ def generate(
     scheduler: Scheduler = None,
     clip_skip: ClipSkip = None,
     out: OutFolder = None,
+    image_format: ImageFormat = None,
+    quality: Quality = None,
     batch_size: BatchSize = None,
     device: Device = None,
     dtype: Dtype = None,
     vae: Vae = None,
     low_memory: LowMemory = None,
     json_output: JsonOutput = False,
-    from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in a PNG.")] = None,
+    progress: Progress = None,
+    rerank: Rerank = None,
+    keep_candidates: KeepCandidates = False,
+    scorer: Scorer = None,
+    from_image: Annotated[Optional[Path], typer.Option("--from", help="Re-run the request stored in an image (dalle's, AUTOMATIC1111's or ComfyUI's PNG, JPEG or WebP).")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="LoRA to apply, PATH[:SCALE] or a registry LoRA NAME[:SCALE] after `dalle download NAME` (scale 1 by default); repeatable.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="Init image: image to image from it (its size, rounded to multiples of 8, unless --width/--height).", show_default=False)] = None,
     strength: Strength = None,
@@ -43,14 +50,15 @@ def generate(
 ) -> None:
     """Generate images from a text prompt (or from an init image with --image)."""
     from dallecli.cli.console import out as print_line, out_json
-    from dallecli.cli.running import prepare_run, run_local
+    from dallecli.cli.running import prepare_rerank, prepare_run, run_local
     from dallecli.config import user_default
-    from dallecli.images import read_metadata
+    from dallecli.images import output_format, read_metadata
     from dallecli.engine.request import GenerationRequest
     from dallecli.engine.lora import parse_lora
     from dallecli.engine.replay import merge_stored, replay_inputs, request_fields
     from dallecli.errors import UsageError
 
+    fmt = output_format(image_format, quality)
     stored = read_metadata(from_image) if from_image else {}
     merged = merge_stored(stored, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                           guidance_scale=guidance, width=width, height=height, model=model, dtype=dtype, vae=vae,
@@ -63,9 +71,15 @@ def generate(
     fields = dict(request_fields(merged), scheduler=merged["scheduler"],
                   negative_prompt=merged["negative_prompt"] or None)
     request = GenerationRequest(num_images=num_images, batch_size=batch_size, **fields, **inputs)
-    request, folder = prepare_run(request, out)  # before any model loads
+    request, folder = prepare_run(request, out, fmt)  # before any model loads
+    best_of = prepare_rerank(rerank, keep_candidates, scorer, cache_dir)
+    if server and best_of is not None:
+        raise UsageError("--rerank runs locally only (the scorer is loaded here); leave out --server")
     if server and request.image is not None:
         raise UsageError("--image (and --from an img2img or edit image) runs locally only; leave out --server")
+    if server and fmt.name != "png":
+        raise UsageError(f"--format {fmt.name} is written by a local run only (`dalle serve` sends PNGs); leave out "
+                         "--server or --format")
     if server:  # a running `dalle serve` makes the images; they are written here as an in-process run writes them
         from dallecli.serve.client import check_local_options, generate_on_server
 
@@ -81,4 +95,4 @@ def generate(
 
     run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
               vae=vae, low_memory=low_memory, revision=revision,
-              recorded_revision=merged["recorded_revision"])
+              recorded_revision=merged["recorded_revision"], fmt=fmt, progress=progress, best_of=best_of)

@@ -1,4 +1,4 @@
-"""``dalle info``: the generation parameters stored in an image (ours or AUTOMATIC1111's)."""
+"""``dalle info``: the generation parameters stored in an image (ours, AUTOMATIC1111's or ComfyUI's)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ _ORDER = ("prompt", "negative_prompt", "model", "model_revision", "seed", "steps
           "scheduler", "sampler", "dtype", "loras", "task", "strength", "init_image", "mask", "version")
 
 
+_SOURCES = {"dalle": "dalle", "a1111": "AUTOMATIC1111 parameters", "comfyui": "ComfyUI prompt graph"}
+
+
 @handles_errors
 def info(
-    image: Annotated[Path, typer.Argument(help="A PNG written by dalle, or by a tool that writes A1111 'parameters'.",
+    image: Annotated[Path, typer.Argument(help="A PNG, JPEG or WebP written by dalle, AUTOMATIC1111 (or a tool that writes its 'parameters') or ComfyUI.",
                                           show_default=False)],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
@@ -33,7 +36,7 @@ def info(
     source = settings.pop("source")
     keys = [k for k in _ORDER if k in settings] + sorted(k for k in settings if k not in _ORDER)
     width = max(len(k) for k in keys + ["source"])
-    out(f"{'source':<{width}}  {'dalle' if source == 'dalle' else 'AUTOMATIC1111 parameters'}")
+    out(f"{'source':<{width}}  {_SOURCES.get(source, source)}")
     for key in keys:
         value = settings[key]
         if value is None:

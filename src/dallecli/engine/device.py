@@ -23,8 +23,12 @@ class DtypeChoice:
     reason: str
 
 
-def normalize_dtype(requested: str | None) -> str:
+def normalize_dtype(requested: str | None, source: str = "--dtype") -> str:
     """Map user spellings (fp16, bf16, ...) to a name in :data:`DTYPES`.
+
+    Args:
+        requested: the name given; None means "auto".
+        source: where it came from, for the error (``--dtype``, ``DALLE_DTYPE``, the config file's key).
 
     Raises:
         UsageError: an unknown dtype name.
@@ -32,7 +36,7 @@ def normalize_dtype(requested: str | None) -> str:
     name = (requested or "auto").lower()
     name = _ALIASES.get(name, name)
     if name not in DTYPES:
-        raise UsageError(f"unknown --dtype '{requested}'; choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown {source} '{requested}'; choose one of {', '.join(DTYPES)}")
     return name
 
 
@@ -150,6 +154,20 @@ def cpu_bf16_kind() -> str | None:
         return None
 
 
+def check_device_name(requested: str | None, source: str = "--device") -> str:
+    """The device name, lower-cased, if it is spelled like one (auto, cpu, cuda, cuda:N, mps; None means auto);
+    whether the machine has it is :func:`pick_device`'s question.
+
+    Raises:
+        UsageError: any other text; the message names ``source`` (``--device``, ``DALLE_DEVICE``, ...).
+    """
+    name = (requested or "auto").lower()
+    kind, _, index = name.partition(":")
+    if name != "auto" and (kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit())):
+        raise UsageError(f"unknown {source} '{requested}'; use auto, cpu, cuda, cuda:N or mps")
+    return name
+
+
 def pick_device(requested: str | None, *, cuda: bool, mps: bool, cuda_count: int = 1) -> str:
     """Pure device policy: ``auto`` picks CUDA, then MPS, then CPU.
 
@@ -157,12 +175,10 @@ def pick_device(requested: str | None, *, cuda: bool, mps: bool, cuda_count: int
         DeviceUnavailableError: a requested device that this machine does not have.
         UsageError: an unknown device name.
     """
-    name = (requested or "auto").lower()
+    name = check_device_name(requested)
     if name == "auto":
         return "cuda" if cuda else "mps" if mps else "cpu"
     kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not index.isdigit()):
-        raise UsageError(f"unknown --device '{requested}'; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda" and (not cuda or (index and int(index) >= cuda_count)):
         raise DeviceUnavailableError(f"--device {name} is not available here (no such CUDA device); use --device cpu")
     if kind == "mps" and not mps:

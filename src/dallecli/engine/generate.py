@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dallecli import __version__
+from dallecli.engine import weighting
 from dallecli.engine.device import float32_weight_bytes, resolve_device, resolve_dtype
 from dallecli.engine.known_words import training_vocabulary, unknown_words
 from dallecli.engine.loading import (check_vae_fits, component_class_name, default_size, load_pipeline, load_vae,
-                                     pipeline_class_name, with_vae)
+                                     pipeline_class_name, recorded_defaults, with_vae)
 from dallecli.engine.memory import (MemoryChoice, activation_scale, apply_memory_mode, available_bytes, check_feasible,
                                     choose_low_memory, estimate_bytes, low_memory_floor_bytes, vae_can_tile)
 from dallecli.engine.request import (RANDOM_SEED, GenerationRequest, ImageSettings, MAX_SEED, effective_steps,
@@ -118,6 +119,7 @@ class Engine:
         self._task_pipes: dict[tuple, object] = {}  # (task class name, id of the loaded pipe) -> derived pipeline
         self._inputs: dict[tuple, object] = {}  # (image, mask, digests, task) -> engine.tasks.PreparedInputs
         self._inputs_lock = threading.Lock()
+        self._weighting_noted = False  # the "passed verbatim" warning is given once per engine
         self._options = {"device": device, "dtype": dtype, "cache_dir": cache_dir, "vae": vae,
                          "low_memory": low_memory}
 
@@ -226,8 +228,11 @@ class Engine:
         return pipeline_class_name(self.model.path), default_size(self.model.path)
 
     def defaults(self) -> dict:
-        """Generation defaults for this model: ``{"steps", "guidance", "width", "height"}``."""
-        return defaults_for(self.model.spec, *self._layout())
+        """Generation defaults for this model: ``{"steps", "guidance", "width", "height"}``: its registry entry's,
+        else those its folder records (a ``dalle finetune --full`` model keeps its base model's), else its
+        family's."""
+        recorded = None if self.model.spec is not None or self.model.single_file else recorded_defaults(self.model.path)
+        return recorded or defaults_for(self.model.spec, *self._layout())
 
     def _vocabulary(self) -> tuple[frozenset[str], str] | None:
         """The model's training words and subject (:func:`dallecli.engine.known_words.training_vocabulary`)."""
@@ -237,17 +242,47 @@ class Engine:
 
     def check_prompt(self, prompt: str) -> PromptCheck:
         """Count the prompt's tokens against the text encoder's limit (``model_max_length``), and find the words
-        a model that records its training words was never trained on."""
+        a model that records its training words was never trained on. A weighted prompt is counted as the text
+        encoder reads it, without its brackets and weights (:meth:`weighted_prompt`)."""
         vocabulary = self._vocabulary()
         unknown = tuple(unknown_words(prompt, vocabulary[0])) if vocabulary else ()
         tokenizer = getattr(self.pipe, "tokenizer", None)
         limit = getattr(tokenizer, "model_max_length", None)
         if tokenizer is None or not limit or limit > 100_000:
             return PromptCheck(0, 0, unknown=unknown)
-        ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+        weighted = self.weighted_prompt(prompt)
+        ids = tokenizer(weighted.text if weighted else prompt, truncation=False, add_special_tokens=True).input_ids
         tokens, kept = len(ids) - 2, limit - 2
         dropped = tokenizer.decode(ids[limit - 1:-1]) if tokens > kept else ""
         return PromptCheck(tokens, kept, dropped, unknown)
+
+    def weighted_prompt(self, prompt: str | None):
+        """How the text encoder reads ``prompt`` under AUTOMATIC1111's attention syntax (``(word:1.3)``,
+        ``[word]``, ...): a :class:`dallecli.engine.weighting.WeightedPrompt`; None when the prompt has no such
+        syntax or the loaded pipeline has no CLIP prompt encoding to weight (SD 3, FLUX, PixArt): it is then
+        passed verbatim, brackets included."""
+        if not weighting.has_weighting(prompt) or weighting.family(self.pipe) is None:
+            return None
+        return weighting.weigh(prompt, weighting.tokenizer_of(self.pipe))
+
+    def _prompt_arguments(self, pipe, prompts: list[str], request: GenerationRequest) -> dict:
+        """The ``__call__`` arguments that carry the prompts: the texts, or, when a prompt or the negative prompt
+        is weighted (:meth:`weighted_prompt`), the weighted embeddings of
+        :func:`dallecli.engine.weighting.prompt_arguments`. Plain prompts reach the pipeline exactly as before."""
+        weighted = [self.weighted_prompt(p) for p in prompts]
+        negative = self.weighted_prompt(request.negative_prompt)
+        if not any(weighted) and negative is None:  # only when given: PixArt's default is "" and it fails on None
+            given = {"negative_prompt": [request.negative_prompt] * len(prompts)} if request.negative_prompt else {}
+            return {"prompt": prompts, **given}
+        weighted = [w or weighting.WeightedPrompt(p, ()) for w, p in zip(weighted, prompts)]
+        if negative is None and request.negative_prompt:
+            negative = weighting.WeightedPrompt(request.negative_prompt, ())
+        if all(w.plain for w in weighted) and (negative is None or negative.plain):  # escapes only: text will do
+            return {"prompt": [w.text for w in weighted],
+                    **({"negative_prompt": [negative.text] * len(prompts)} if negative is not None else {})}
+        clip_skip = request.clip_skip - 1 if request.clip_skip and request.clip_skip > 1 else None
+        return weighting.prompt_arguments(pipe, weighted, negative, guidance_scale=request.guidance_scale,
+                                          clip_skip=clip_skip)
 
     # -- images in -----------------------------------------------------------------------------------
     def check_task(self, task: str) -> str | None:
@@ -485,6 +520,12 @@ class Engine:
             warnings.append(f"{request.width}x{request.height} is far from the {native['width']}x{native['height']} "
                             f"{self.model.name} was trained at: expect repeated or broken subjects, and a slow run "
                             f"({advice})")
+        if not self._weighting_noted and any(weighting.has_weighting(text) and self.weighted_prompt(text) is None
+                                             for text in (request.prompt, request.negative_prompt)):
+            self._weighting_noted = True
+            warnings.append(f"prompt weighting ((word:1.3), (word), [word]) is implemented for CLIP text encoders "
+                            f"(SD 1.x/2.x, SDXL); {type(self.pipe).__name__} gets the prompt verbatim, brackets "
+                            "included")
         if request.negative_prompt and request.guidance_scale is not None and request.guidance_scale <= 1:
             warnings.append(f"--negative-prompt has no effect with guidance {request.guidance_scale:g} "
                             "(classifier-free guidance needs a scale above 1)")
@@ -549,9 +590,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 output = pipe(
-                    prompt=prompts,
-                    # only when given: PixArt's default is "" and it fails on None
-                    **({"negative_prompt": [request.negative_prompt] * len(prompts)} if request.negative_prompt else {}),
+                    **self._prompt_arguments(pipe, prompts, request),  # texts, or weighted embeddings
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
                     **extra,  # width and height; the init image, mask and strength of an image task

@@ -71,6 +71,31 @@ def default_size(folder: Path) -> int | None:
     return sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
 
 
+GENERATION_DEFAULTS_KEY = "generation_defaults"  # in a model folder's training.json (dalle finetune --full)
+
+
+def recorded_defaults(folder: Path) -> dict | None:
+    """The generation defaults a model folder carries in its ``training.json`` (``"generation_defaults"``:
+    ``{"steps", "guidance", "width", "height"}``, written by ``dalle finetune --full`` from its base model), or
+    None when it carries none or they are not positive numbers (a damaged file falls back to the family's)."""
+    try:
+        record = json.loads((Path(folder) / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    found = record.get(GENERATION_DEFAULTS_KEY) if isinstance(record, dict) else None
+    if not isinstance(found, dict):
+        return None
+    defaults = {}
+    for name, kind in (("steps", int), ("guidance", float), ("width", int), ("height", int)):
+        value = found.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < (0 if name == "guidance" else 1):
+            return None
+        if kind is int and value != int(value):
+            return None
+        defaults[name] = kind(value)
+    return defaults
+
+
 def _weight_variants(component: Path) -> set[str | None]:
     """The weights variants present in a component folder: None for the plain files, "fp16" for
     ``*.fp16.safetensors`` (shards included)."""

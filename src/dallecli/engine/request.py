@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,15 @@ MAX_SEED = 2**32 - 1
 RANDOM_SEED = -1  # AUTOMATIC1111's way to ask for a random seed; the seed drawn is recorded
 MAX_STEPS = 1000  # the training timesteps of every supported schedule; schedulers refuse more steps
 MAX_GUIDANCE = 100.0  # far above any useful guidance scale (1-20); catches typos, inf and NaN
+# The longest prompt (and negative prompt) accepted, in characters: OpenAI's limit for gpt-image-1, so every client
+# of ``dalle serve`` fits, and far beyond what a text encoder reads (CLIP: 75 tokens, about 300 characters; T5: 512
+# tokens). It bounds what is stored: each image's metadata, each manifest line. File names keep a 60-byte slug.
+MAX_PROMPT_CHARS = 32_000
+# Control characters (Unicode category Cc) a prompt may not hold: C0 but tab, line feed and carriage return (a
+# prompt may span lines, as AUTOMATIC1111's do), DEL and C1. NUL ends a C string in other tools' readers, ESC
+# drives terminals; none means anything to a text encoder.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_CONTROL_NAMES = {0x00: "NUL", 0x07: "BEL", 0x08: "BS", 0x1B: "ESC", 0x7F: "DEL"}
 # What a request does with its input image: text to image (no image), image to image (``--image``), inpainting
 # (``dalle edit``: image and mask), or a variation (``dalle variations``: image to image whose prompt may be empty).
 TASKS = ("txt2img", "img2img", "inpaint", "variation")
@@ -180,8 +190,11 @@ def field_problem(field: str, value, *, label: str | None = None, num_images: in
 
     Args:
         field: "width", "height" (pixels, 8-8192, multiples of 8), "steps" (1 to :data:`MAX_STEPS`),
-            "guidance" (0 to :data:`MAX_GUIDANCE`), "strength" (in (0, 1]) or "seed" (0 to :data:`MAX_SEED`).
-        value: the value, already an int (a float for guidance and strength); NaN is out of range.
+            "guidance" (0 to :data:`MAX_GUIDANCE`), "strength" (in (0, 1]), "seed" (0 to :data:`MAX_SEED`), or
+            "prompt"/"negative_prompt" (at most :data:`MAX_PROMPT_CHARS` characters, no control character but
+            tab, line feed and carriage return).
+        value: the value, already an int (a float for guidance and strength, a str for the prompts); NaN is out
+            of range.
         label: how the message names the field (default: the option, ``--FIELD``).
         num_images: images made from the seed (image i gets ``seed + i``), which lowers the highest seed.
         random_seed: whether -1 (:data:`RANDOM_SEED`) is accepted as a seed.
@@ -190,6 +203,8 @@ def field_problem(field: str, value, *, label: str | None = None, num_images: in
         A message naming the field, the range and the bad value; None when the value is valid.
     """
     label = label or f"--{field}"
+    if field in ("prompt", "negative_prompt"):
+        return _prompt_problem(value, label)
     if field in ("width", "height"):
         if value < 8 or value > 8192:
             return f"{label} {value} is out of range (8-8192 pixels)"
@@ -212,6 +227,19 @@ def field_problem(field: str, value, *, label: str | None = None, num_images: in
                     + f" (got {value})")
     else:
         raise ValueError(f"unknown request field {field!r}")
+    return None
+
+
+def _prompt_problem(text: str, label: str) -> str | None:
+    """A prompt's length and control characters (the message never quotes the prompt: it may be megabytes)."""
+    if len(text) > MAX_PROMPT_CHARS:
+        return (f"{label} is {len(text):,} characters long; at most {MAX_PROMPT_CHARS:,} are accepted (a text "
+                "encoder reads only its first few hundred tokens)")
+    if found := _CONTROL.search(text):
+        code = ord(found.group())
+        name = f" ({_CONTROL_NAMES[code]})" if code in _CONTROL_NAMES else ""
+        return (f"{label} contains the control character U+{code:04X}{name} at character {found.start() + 1:,}; "
+                "remove it (tabs and line breaks are allowed)")
     return None
 
 
@@ -243,7 +271,9 @@ def validate_request(request: GenerationRequest) -> None:
     """Check a request before any model loads.
 
     Raises:
-        UsageError: empty prompt (allowed for task "variation") or one that is not valid UTF-8, size not a
+        UsageError: empty prompt (allowed for task "variation") or one that is not valid UTF-8, a prompt or
+            negative prompt longer than :data:`MAX_PROMPT_CHARS` characters or holding a control character other
+            than tab, line feed or carriage return (:func:`field_problem`), size not a
             multiple of 8 (naming the nearest valid sizes), a count, step number, guidance scale or seed out of
             range, a strength outside (0, 1] or one that leaves no denoising step (``int(steps * strength) < 1``,
             naming the fewest steps that work), a strength or mask without an init image, an unknown task.
@@ -259,6 +289,8 @@ def validate_request(request: GenerationRequest) -> None:
             byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
             raise UsageError(f"{name} is not valid UTF-8 ({byte} at position {exc.start}); check the terminal's "
                              "encoding (LANG/LC_ALL)") from None
+        if text and (problem := _prompt_problem(text, name)):
+            raise UsageError(problem)
     for name, value in (("width", request.width), ("height", request.height)):
         if value is not None and (problem := field_problem(name, value)):
             raise UsageError(problem)

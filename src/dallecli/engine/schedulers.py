@@ -67,17 +67,35 @@ def scheduler_class(name: str):
     return cls if isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin) else None
 
 
-def validate_scheduler(name: str | None) -> None:
+def check_scheduler_name(name: str | None, source: str = "--scheduler") -> None:
+    """Check a scheduler name without importing diffusers: None, "default", a name in :data:`SCHEDULERS`, or
+    text shaped like a scheduler class name (``...Scheduler``; :func:`validate_scheduler` looks it up).
+
+    Raises:
+        UsageError: any other value; the message names ``source`` (``--scheduler``, ``DALLE_SCHEDULER``, ...).
+    """
+    if name in (None, "default") or name in SCHEDULERS or (name.endswith("Scheduler") and name.isidentifier()):
+        return
+    raise UsageError(f"unknown {source} '{name}'; choose one of default, {', '.join(SCHEDULERS)}, "
+                     "or a diffusers scheduler class name such as PNDMScheduler")
+
+
+def validate_scheduler(name: str | None, source: str = "--scheduler") -> None:
     """Check a ``--scheduler`` value: None, "default", a name in :data:`SCHEDULERS` or a diffusers scheduler
     class name (the latter imports diffusers to look it up).
+
+    Args:
+        name: the value.
+        source: where it came from, for the error (``--scheduler``, ``DALLE_SCHEDULER``, the config file's key).
 
     Raises:
         UsageError: any other value.
     """
+    check_scheduler_name(name, source)
     if name in (None, "default") or name in SCHEDULERS:
         return
     if scheduler_class(name) is None:
-        raise UsageError(f"unknown --scheduler '{name}'; choose one of default, {', '.join(SCHEDULERS)}, "
+        raise UsageError(f"unknown {source} '{name}'; choose one of default, {', '.join(SCHEDULERS)}, "
                          "or a diffusers scheduler class name such as PNDMScheduler")
 
 

@@ -17,7 +17,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from dallecli.errors import UsageError
 
 _APPLIED: ThreadChoice | None = None
 _START: CpuSnapshot | None = None
@@ -124,10 +123,10 @@ def choose_threads(physical: int, processes: int, env: dict | None = None, *, bu
         UsageError: ``DALLE_THREADS`` is set but not a whole number >= 1 (``OMP_NUM_THREADS``, which other
             libraries read too and may hold a list, is only used when it is one).
     """
+    from dallecli.config import parse_threads
+
     env = os.environ if env is None else env
-    ours = env.get("DALLE_THREADS", "").strip()
-    if ours and not (ours.isdigit() and int(ours) > 0):
-        raise UsageError(f"DALLE_THREADS={ours!r}: give a whole number of threads, at least 1 (or unset it)")
+    parse_threads(env.get("DALLE_THREADS"))  # a bad DALLE_THREADS is an error, not a silent fallback
     for name in ("DALLE_THREADS", "OMP_NUM_THREADS"):
         value = env.get(name, "").strip()
         if value.isdigit() and int(value) > 0:

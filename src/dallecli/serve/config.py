@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+from dallecli.engine.request import MAX_PROMPT_CHARS  # noqa: F401 (gpt-image-1's limit; every command's)
 from dallecli.errors import UsageError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -15,7 +16,6 @@ MAX_UPLOAD_BYTES = 16 * 1024 * 1024  # the image routes: two 4 MB PNGs, base64-e
 MAX_SIDE = 2048  # pixels per side a request may ask for
 MAX_IMAGES = 10  # OpenAI's limit on n
 MAX_A1111_IMAGES = 64  # batch_size x n_iter
-MAX_PROMPT_CHARS = 32_000  # gpt-image-1's limit
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from dallecli.engine.request import nearest_multiples
+from dallecli.engine.request import field_problem, nearest_multiples
 from dallecli.serve.auth import file_signature
-from dallecli.serve.config import MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SIDE
+from dallecli.serve.config import MAX_IMAGES, MAX_SIDE
 from dallecli.serve.errors import bad_request, parse_json
 from dallecli.serve.service import ServerState, generate
 
@@ -104,12 +104,12 @@ def check_side(value: int | None, param: str) -> None:
 
 
 def check_prompt(prompt: str | None, param: str = "prompt") -> str:
-    """The prompt, or a 400 when it is empty or too long."""
+    """The prompt, or a 400 when it is empty, too long or holds a control character (the engine's rule for every
+    command, :func:`dallecli.engine.request.field_problem`; a negative prompt is checked there too)."""
     if prompt is None or not prompt.strip():
         raise bad_request("The prompt is empty: give a non-empty prompt", param, "invalid_prompt")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise bad_request(f"The prompt is {len(prompt)} characters long; at most {MAX_PROMPT_CHARS} are accepted",
-                          param, "invalid_prompt")
+    if problem := field_problem("prompt", prompt, label="The prompt"):
+        raise bad_request(problem, param, "invalid_prompt")
     return prompt
 
 

@@ -1,7 +1,8 @@
 """What is downloaded, and removing it: a view of the shared Hugging Face cache through ``scan_cache_dir``.
 
-Only diffusers pipelines (snapshots with a ``model_index.json``) are listed, so the language models other
-tools keep in the same cache are left out; the embedded model is always listed first. Removal builds a plan
+Only diffusers pipelines (snapshots with a ``model_index.json``) and the registry's other entries (VAEs, LoRAs,
+CLIP scorers) are listed, so the language models other tools keep in the same cache are left out; the embedded
+model is always listed first, then the embedded scorer. Removal builds a plan
 (``huggingface_hub``'s ``DeleteCacheStrategy``: the snapshots, blobs and refs to delete and the bytes freed)
 that the caller shows before executing it.
 """
@@ -13,8 +14,8 @@ from pathlib import Path
 
 from dallecli import __version__
 from dallecli.errors import ModelNotFoundError, UsageError
-from dallecli.store.registry import (EMBEDDED, PIPELINE_FAMILIES, PIPELINE_KINDS, REGISTRY, ModelSpec, defaults_for,
-                                     lookup)
+from dallecli.store.registry import (EMBEDDED, EMBEDDED_SCORER, PIPELINE_FAMILIES, PIPELINE_KINDS, REGISTRY, ModelSpec,
+                                     defaults_for, lookup)
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class CachedModel:
         family: pipeline family ("stable-diffusion", "sdxl", ...).
         path: the snapshot (or embedded) folder.
         files: file paths relative to ``path``.
-        kind: "pipeline", or the registry kind of a VAE, tiny VAE or LoRA entry.
+        kind: "pipeline", or the registry kind of a VAE, tiny VAE, LoRA or scorer entry.
         missing: components a partly downloaded pipeline lacks (an interrupted download); empty when complete.
     """
 
@@ -92,32 +93,34 @@ def _scan(cache_dir: Path | None):
         return None
 
 
-def _embedded() -> CachedModel | None:
-    from dallecli.store.resolve import embedded_model_path
+def _embedded(alias: str = EMBEDDED) -> CachedModel | None:
+    """The embedded model (or, with ``alias=EMBEDDED_SCORER``, the embedded scorer) when its folder is installed."""
+    from dallecli.store.resolve import embedded_model_path, embedded_scorer_path
 
-    folder = embedded_model_path()
-    if not (folder / "model_index.json").exists():
+    folder, marker = ((embedded_model_path(), "model_index.json") if alias == EMBEDDED
+                      else (embedded_scorer_path(), "config.json"))
+    if not (folder / marker).exists():
         return None
     files = sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    spec = REGISTRY[EMBEDDED]
-    return CachedModel(EMBEDDED, None, f"dallecli-{__version__}", (), sum(p.stat().st_size for p in files),
-                       spec.family, folder, tuple(p.relative_to(folder).as_posix() for p in files))
+    spec = REGISTRY[alias]
+    return CachedModel(alias, None, f"dallecli-{__version__}", (), sum(p.stat().st_size for p in files),
+                       spec.family, folder, tuple(p.relative_to(folder).as_posix() for p in files), spec.kind)
 
 
 def list_models(cache_dir: Path | None = None) -> list[CachedModel]:
-    """The embedded model, every diffusers pipeline in the HF cache and the registry's VAE, tiny VAE and LoRA
-    entries that were downloaded, one entry per cached revision.
+    """The embedded model and scorer, every diffusers pipeline in the HF cache and the registry's VAE, tiny VAE,
+    LoRA and scorer entries that were downloaded, one entry per cached revision.
 
     Args:
         cache_dir: HF cache folder (default: ``HF_HUB_CACHE``, i.e. ``$HF_HOME/hub``).
 
     Returns:
-        Embedded model first, then repos by id, newest revision first. A missing cache gives only the
-        embedded model. Never touches the network.
+        Embedded model first, then the embedded scorer, then repos by id, newest revision first. A missing
+        cache gives only the embedded ones (those installed). Never touches the network.
     """
     from dallecli.store.resolve import missing_components
 
-    models = [m for m in (_embedded(),) if m is not None]
+    models = [m for m in (_embedded(), _embedded(EMBEDDED_SCORER)) if m is not None]
     info = _scan(cache_dir)
     if info is None:
         return models
@@ -161,8 +164,8 @@ def model_details(name: str, cache_dir: Path | None = None) -> dict:
         ModelNotFoundError: neither a registry alias nor a cached repo.
     """
     repo_id, spec = _repo_id_for(name)
-    if repo_id is None:
-        cached = [m for m in list_models(cache_dir) if m.repo_id is None]
+    if repo_id is None:  # the embedded model or the embedded scorer
+        cached = [m for m in list_models(cache_dir) if m.repo_id is None and m.alias == spec.alias]
     else:
         cached = [m for m in list_models(cache_dir) if m.repo_id and m.repo_id.lower() == repo_id.lower()]
     if spec is None and not cached:

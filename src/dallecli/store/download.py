@@ -3,7 +3,8 @@
 Three steps, each usable alone:
 
 1. :func:`plan_download` reads the repo's file listing (one ``model_info`` call, with sizes) and its
-   ``model_index.json`` (fetched into a temporary folder, never into the cache), and decides the file list:
+   ``model_index.json`` (fetched into a temporary folder, never into the cache), and decides the file list (for a
+   CLIP scorer, a transformers model folder: :func:`select_scorer_files`):
    ``model_index.json``, each loaded component's configs and tokenizer files, and its ``.safetensors`` (the
    ``fp16`` variant when asked for). Pickle formats (``.bin``, ``.ckpt``, ``.pt``...), ONNX, Flax and the large
    single-file checkpoints in the repo root are never fetched; a component that has only pickles is refused
@@ -134,6 +135,8 @@ def repo_for(name: str) -> tuple[str, ModelSpec | None]:
     from dallecli.store.resolve import check_repo_id
 
     spec = lookup(name)  # renamed aliases and moved repos included
+    if spec is not None and spec.repo_id is None and spec.kind == "scorer":
+        raise UsageError(f"'{name}' is the embedded scorer; it ships with dalle and needs no download")
     if is_embedded(name) or (spec is not None and spec.repo_id is None):
         raise UsageError(f"'{name}' is the embedded model; it ships with dalle and needs no download")
     if spec is not None:
@@ -310,7 +313,8 @@ def _hub_call(fn, repo_id: str, name: str):
 def plan_download(name: str, *, revision: str | None = None, variant: str | None = None,
                   token: str | None = None) -> DownloadPlan:
     """Decide which files of a Hub repo to fetch, without writing to the cache: a pipeline's loaded components,
-    a VAE's ``config.json`` and weights, or a LoRA's ``.safetensors``; a registry entry's fp16-safe VAE
+    a VAE's ``config.json`` and weights, a LoRA's ``.safetensors``, or a CLIP scorer's configs, tokenizer and
+    ``model.safetensors`` (:func:`select_scorer_files`); a registry entry's fp16-safe VAE
     (``ModelSpec.vae``) is planned with it as a companion.
 
     Network: one ``model_info`` call (file list with sizes and the resolved commit) and one small download of
@@ -318,7 +322,7 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
 
     Args:
         name: registry alias or ``org/name`` repo id (renamed aliases and moved repos are mapped, with a notice).
-        revision: branch, tag or commit (default "main").
+        revision: branch, tag or commit (default: the registry entry's ``revision``, else "main").
         variant: weights variant ("fp16"); default: the registry's ``variant`` for a registered model.
         token: Hub token (default: ``HF_TOKEN`` or the saved login, as ``huggingface_hub`` decides).
 
@@ -337,7 +341,7 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
     asked = variant
     if variant is None and spec is not None:
         variant = spec.variant
-    revision = revision or "main"
+    revision = revision or (spec.revision if spec is not None else None) or "main"
     api = HfApi(token=token)
     info = _hub_call(lambda: api.model_info(repo_id, revision=revision, files_metadata=True), repo_id, name)
     commit = info.sha
@@ -345,6 +349,11 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
     companions = (plan_download(spec.vae, token=token),) if spec is not None and spec.vae else ()
     if spec is not None and spec.kind == "lora":
         files, skipped = select_lora_files(listing, repo_id)
+    elif spec is not None and spec.kind == "scorer":
+        files, skipped = _scorer_plan(listing, repo_id, revision, spec)
+    elif spec is None and "model_index.json" not in listing and "config.json" in listing \
+            and _is_clip_folder(repo_id, name, commit, token):
+        files, skipped = _scorer_plan(listing, repo_id, revision, spec)
     elif "model_index.json" not in listing and spec is not None and spec.kind in ("vae", "tiny-vae"):
         files, skipped = select_component_files(listing, variant, repo_id)
     elif "model_index.json" not in listing:
@@ -368,6 +377,89 @@ def plan_download(name: str, *, revision: str | None = None, variant: str | None
                          + (f" (it has: {', '.join(present)})" if present else " (only the plain files)"))
     return DownloadPlan(name, repo_id, revision, commit, chosen_variant, tuple(files), tuple(skipped), spec,
                         notice, companions)
+
+
+# What transformers loads from a CLIP model folder besides the weights: the model and processor configs and the
+# tokenizer (the fast tokenizer.json and the slow tokenizer's vocab.json/merges.txt, which CLIPProcessor may use).
+SCORER_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                "merges.txt", "special_tokens_map.json", "added_tokens.json")
+_OTHER_FORMATS = {".bin": "PyTorch pickle (dalle loads .safetensors only)", ".h5": "TensorFlow weights (not loaded)",
+                  ".msgpack": "Flax weights (not loaded)"}
+
+
+def select_scorer_files(listing: dict[str, int | None], repo_id: str, revision: str = "main",
+                        advice: str | None = None) -> tuple[list[PlannedFile], list[tuple[str, str]]]:
+    """Choose the files of a CLIP scorer repo (a transformers ``CLIPModel`` folder in the repo root, such as
+    ``openai/clip-vit-large-patch14``) from its listing (pure: no network): the configs and tokenizer files of
+    :data:`SCORER_FILES` that it has, and ``model.safetensors`` (or its shards and their index).
+
+    Args:
+        listing: every file in the repo at ``revision``, path -> size in bytes (or None).
+        repo_id, revision: for messages.
+        advice: the pickle-only message's last sentence (default: look for a ``refs/pr/N`` revision).
+
+    Returns:
+        (files to fetch, [(skipped path, reason)]): ``pytorch_model.bin``, ``tf_model.h5`` and
+        ``flax_model.msgpack`` are skipped with their reason.
+
+    Raises:
+        ModelNotFoundError: no ``config.json`` in the root.
+        UnsafeWeightsError: the root has weights only as pickles (or TensorFlow/Flax files); the message points at
+            a ``refs/pr/N`` revision, where the Hub's safetensors conversions live.
+    """
+    if "config.json" not in listing:
+        raise ModelNotFoundError(f"{repo_id} has no config.json in its root; it is not a transformers model folder")
+    root = [p for p in listing if "/" not in p]
+    index = "model.safetensors.index.json"
+    shards = sorted(p for p in root if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", p))
+    if "model.safetensors" in listing:
+        weights = ["model.safetensors"]
+    else:
+        weights = shards + [index] if shards and index in listing else []
+    if not weights:
+        others = sorted(p for p in root if _suffix(p) in NEVER_SUFFIXES)
+        raise UnsafeWeightsError(
+            f"{repo_id} at {revision} has pickle-only weights ({', '.join(others[:3]) or 'no weights at all'}); dalle "
+            "loads .safetensors only, so nothing was downloaded. " + (advice or "Look for a refs/pr/N revision (the "
+            "Hub's safetensors conversion) that has model.safetensors and pass it with --revision")
+        )
+    chosen = {p for p in SCORER_FILES if p in listing} | set(weights)
+    skipped = []
+    for path in sorted(listing):
+        if path in chosen:
+            continue
+        suffix = _suffix(path)
+        if suffix in _OTHER_FORMATS and "/" not in path:
+            skipped.append((path, _OTHER_FORMATS[suffix]))
+        elif suffix in NEVER_SUFFIXES or suffix == ".safetensors":
+            skipped.append((path, "pickle or non-PyTorch format" if suffix in NEVER_SUFFIXES
+                            else "not loaded by CLIPModel"))
+    return [PlannedFile(p, listing.get(p)) for p in sorted(chosen)], skipped
+
+
+def _scorer_plan(listing: dict[str, int | None], repo_id: str, revision: str,
+                 spec: ModelSpec | None) -> tuple[list[PlannedFile], list[tuple[str, str]]]:
+    """:func:`select_scorer_files`, naming the registry's revision when another one was asked for."""
+    advice = None
+    if spec is not None and spec.revision and spec.revision != revision:
+        advice = (f"The registry's revision {spec.revision} (the Hub's safetensors conversion) has model.safetensors: "
+                  f"run `dalle download {spec.alias}` without --revision")
+    return select_scorer_files(listing, repo_id, revision, advice)
+
+
+def _is_clip_folder(repo_id: str, name: str, commit: str, token: str | None) -> bool:
+    """Whether a repo without ``model_index.json`` is a transformers CLIP model (its ``config.json``, fetched into
+    a temporary folder, says ``model_type: clip``): ``dalle download org/name`` of an unregistered scorer."""
+    from huggingface_hub import hf_hub_download
+
+    with tempfile.TemporaryDirectory(prefix="dalle-plan-") as tmp:
+        path = _hub_call(lambda: hf_hub_download(repo_id, "config.json", revision=commit, local_dir=tmp, token=token),
+                         repo_id, name)
+        try:
+            config = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+    return isinstance(config, dict) and config.get("model_type") == "clip"
 
 
 def select_lora_files(listing: dict[str, int | None], repo_id: str) -> tuple[list[PlannedFile], list[tuple[str, str]]]:

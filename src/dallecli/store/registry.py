@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 EMBEDDED = "shapes"
+EMBEDDED_SCORER = "shapes-clip"  # the embedded CLIP scorer (``dalle score``, ``--rerank``), shipped with dalle
 # kinds whose repos are diffusers pipeline folders; what each is for (the command that uses it)
 PIPELINE_KINDS = {"pipeline": "generate", "upscaler": "upscale", "inpainting": "edit"}
 
@@ -21,13 +22,16 @@ class ModelSpec:
         alias: the short name users type (``dalle generate --model ALIAS``, ``dalle download ALIAS``).
         repo_id: Hugging Face Hub repo id, or None for the embedded model.
         family: pipeline family ("stable-diffusion", "sdxl", "sd3", "flux", "pixart"); for a VAE, tiny VAE or
-            LoRA entry, the family of the pipelines it fits.
+            LoRA entry, the family of the pipelines it fits; "clip" for a scorer.
         kind: "pipeline" (text to image: ``dalle generate``, ``batch``, ``finetune``); "upscaler" (a diffusers
             super-resolution pipeline for ``dalle upscale``); "inpainting" (a diffusers inpainting pipeline, a
             9-channel UNet, for ``dalle edit``; reached through the text-to-image entry's ``inpaint``); "vae" (a
             replacement VAE, e.g. an fp16-safe one); "tiny-vae" (a TAESD decoder for ``--vae tiny``); or "lora" (a
-            LoRA file for ``--lora NAME``). "pipeline", "upscaler" and "inpainting" are all diffusers pipeline
-            folders (``model_index.json``): :attr:`is_diffusers_pipeline`; only "pipeline" is :attr:`is_pipeline`.
+            LoRA file for ``--lora NAME``); or "scorer" (a CLIP model that scores how well an image matches a text,
+            for ``dalle score`` and ``--rerank``: a transformers ``CLIPModel`` folder with ``config.json``, its
+            processor and tokenizer files and ``model.safetensors``; ``repo_id`` None for the embedded one).
+            "pipeline", "upscaler" and "inpainting" are all diffusers pipeline folders (``model_index.json``):
+            :attr:`is_diffusers_pipeline`; only "pipeline" is :attr:`is_pipeline`.
         steps: default ``num_inference_steps`` (pipelines, upscalers and inpainting models).
         guidance: default guidance scale (0 turns classifier-free guidance off).
         width, height: default image size in pixels.
@@ -48,6 +52,9 @@ class ModelSpec:
         noise_level: upscalers that take one (the SD x4 upscaler): the default ``noise_level``, how much noise is
             added to the low-resolution image before it conditions the UNet (0 to the pipeline's
             ``max_noise_level``, 350; more noise lets the model invent more detail); None for the others.
+        revision: the Hub revision (branch, tag, ``refs/pr/N`` or commit) that ``dalle download`` fetches and that
+            resolution looks up when none is given; None means "main". Set where main has no safetensors but a
+            revision does (a safetensors conversion PR).
     """
 
     alias: str
@@ -68,6 +75,7 @@ class ModelSpec:
     inpaint: str | None = None
     scale: int | None = None
     noise_level: int | None = None
+    revision: str | None = None
 
     @property
     def is_pipeline(self) -> bool:
@@ -147,6 +155,16 @@ REGISTRY: dict[str, ModelSpec] = {spec.alias: spec for spec in (
     ModelSpec("lcm-lora-sdv1-5", "latent-consistency/lcm-lora-sdv1-5", "stable-diffusion", kind="lora",
               licence="openrail++", size_gb=0.13,
               note="LCM-LoRA for SD 1.5: 2-8 steps with --scheduler lcm --guidance 1 (arXiv 2311.05556)"),
+    # CLIP scorers (`dalle score`, `--rerank`, `--scorer NAME`): image-text similarity (Radford et al. 2021).
+    # openai/clip-vit-base-patch32's main is pickle-only (pytorch_model.bin, no model.safetensors; the Hub answers
+    # 404 for it); its safetensors conversion PR, refs/pr/66 (commit c237dc49...), has model.safetensors.
+    ModelSpec(EMBEDDED_SCORER, None, "clip", kind="scorer", licence="Apache-2.0", size_gb=0.0,
+              note="embedded: a small CLIP trained by this project on the shapes world; works offline"),
+    ModelSpec("clip-vit-base-patch32", "openai/clip-vit-base-patch32", "clip", kind="scorer", licence="MIT",
+              size_gb=0.61, revision="refs/pr/66",
+              note="CLIP ViT-B/32; from refs/pr/66 (main is pickle-only; the PR adds model.safetensors)"),
+    ModelSpec("clip-vit-large-patch14", "openai/clip-vit-large-patch14", "clip", kind="scorer", licence="MIT",
+              size_gb=1.71, note="CLIP ViT-L/14 (14-pixel patches): larger and slower than ViT-B/32"),
 )}
 
 # Names that changed, with the one-line notice shown when the old one is typed.
@@ -192,6 +210,11 @@ def upscaler_for(scale: int) -> ModelSpec | None:
 def upscale_factors() -> list[int]:
     """The ``--scale`` values the registry's upscalers offer, ascending (e.g. ``[2, 4]``)."""
     return sorted({s.scale for s in REGISTRY.values() if s.kind == "upscaler"})
+
+
+def scorers() -> list[ModelSpec]:
+    """The registry's CLIP scorers (``--scorer NAME``), the embedded one first."""
+    return [s for s in REGISTRY.values() if s.kind == "scorer"]
 
 
 def tiny_decoder_for(family: str) -> ModelSpec | None:

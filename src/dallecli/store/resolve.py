@@ -2,7 +2,8 @@
 
 Order: the embedded model (no name, ``shapes`` or ``embedded``); an existing local folder; a registry alias
 or any ``org/name`` repo id already in the Hugging Face cache (looked up with ``local_files_only`` so that
-this never touches the network; ``dalle download`` is the only command that does).
+this never touches the network; ``dalle download`` is the only command that does). :func:`resolve_scorer` does
+the same for a CLIP scorer (``--scorer``), :func:`resolve_lora` and :func:`resolve_vae` for ``--lora`` and ``--vae``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from dallecli import __version__
 from dallecli.errors import ModelNotFoundError, UnsafeWeightsError, UsageError
-from dallecli.store.registry import EMBEDDED, PIPELINE_KINDS, ModelSpec, canonical_name, lookup
+from dallecli.store.registry import (EMBEDDED, EMBEDDED_SCORER, PIPELINE_KINDS, REGISTRY, ModelSpec, canonical_name,
+                                     lookup)
 from dallecli.weightfiles import PICKLE_SUFFIXES
 
 
@@ -25,7 +27,8 @@ class ResolvedModel:
 
     Attributes:
         name: how it is recorded in image metadata (alias, repo id or path).
-        path: the local diffusers folder (with ``model_index.json``).
+        path: the local diffusers folder (with ``model_index.json``); for a scorer, the transformers CLIP folder
+            (with ``config.json``).
         spec: its registry entry, if any.
         revision: the Hub commit of the snapshot, the package version for the embedded model, or None.
         notice: one line for the user when the name typed was renamed or moved (see
@@ -65,9 +68,7 @@ def check_repo_id(name: str, option: str = "--model") -> str:
                 raise UsageError(f"dalle download {name}: give a registry alias (see `dalle models`) or an org/name "
                                  "Hub repo id, not a path") from None
             raise UsageError(f"{option} {name}: no such file or folder") from None
-        from dallecli.store.registry import REGISTRY
-
-        kinds = {"--vae": ("vae", "tiny-vae"), "--lora": ("lora",)}.get(option, ("pipeline",))
+        kinds = {"--vae": ("vae", "tiny-vae"), "--lora": ("lora",), "--scorer": ("scorer",)}.get(option, ("pipeline",))
         aliases = ", ".join((["full", "tiny"] if option == "--vae" else [])
                             + [spec.alias for spec in REGISTRY.values() if spec.kind in kinds])
         raise UsageError(f"{option} '{name}' is not a registry alias ({aliases}), a folder or an org/name "
@@ -92,7 +93,8 @@ def _cached_file(repo_id: str, filename: str, cache_dir: Path | None, revision: 
     return Path(found) if isinstance(found, str) else None
 
 
-_KIND_NAMES = {"pipeline": "a text-to-image model", "upscaler": "an upscaler", "inpainting": "an inpainting model"}
+_KIND_NAMES = {"pipeline": "a text-to-image model", "upscaler": "an upscaler", "inpainting": "an inpainting model",
+               "scorer": "a CLIP scorer"}
 
 
 def wrong_kind(spec: ModelSpec, kind: str) -> str:
@@ -102,6 +104,12 @@ def wrong_kind(spec: ModelSpec, kind: str) -> str:
         return f"'{spec.alias}' is a lora entry, not {_KIND_NAMES[kind]}; use it with --lora"
     if spec.kind in ("vae", "tiny-vae"):
         return f"'{spec.alias}' is a {spec.kind} entry, not {_KIND_NAMES[kind]}; use it with --vae"
+    if spec.kind == "scorer":
+        return (f"'{spec.alias}' is a CLIP scorer, not {_KIND_NAMES[kind]}; use it with `dalle score --scorer "
+                f"{spec.alias}` or `--rerank K --scorer {spec.alias}`")
+    if kind == "scorer":
+        return (f"'{spec.alias}' is {_KIND_NAMES[spec.kind]}, not a CLIP scorer; scorers: "
+                f"{', '.join(s.alias for s in REGISTRY.values() if s.kind == 'scorer')} (see `dalle models`)")
     return f"{spec.alias} is {_KIND_NAMES[spec.kind]}: use `dalle {PIPELINE_KINDS[spec.kind]}`"
 
 
@@ -173,6 +181,8 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
             notice = "; ".join(filter(None, (notice, (
                 f"the image was made with {alias} at {recorded_revision[:12]}, which is not downloaded; using the "
                 f"downloaded revision, so pixels may differ (`{download(recorded_revision)}` replays it exactly)"))))
+    if revision is None and spec is not None:
+        revision = spec.revision  # the revision `dalle download` fetches for this entry (None: main)
     found = _cached_file(repo_id, "model_index.json", cache_dir, revision)
     if found is None:
         where = f" at revision {revision}" if revision else ""
@@ -210,6 +220,71 @@ def missing_components(folder: Path) -> list[str]:
         elif (component / "config.json").is_file() and not weights:
             missing.append(key)
     return missing
+
+
+def embedded_scorer_path() -> Path:
+    """The folder of the embedded CLIP scorer inside the installed package."""
+    return Path(str(resources.files("dallecli.models") / EMBEDDED_SCORER))
+
+
+def resolve_scorer(name: str | None, cache_dir: Path | None = None, *, revision: str | None = None) -> ResolvedModel:
+    """Find the folder of a CLIP scorer (``--scorer NAME``) without any network access.
+
+    Order: the embedded scorer (no name or ``shapes-clip``); an existing local folder with ``config.json`` (a
+    transformers ``CLIPModel`` folder); a registry scorer alias or an ``org/name`` repo id downloaded into the HF
+    cache with ``dalle download NAME`` (at the registry entry's ``revision``, e.g. ``refs/pr/66``, else main).
+
+    Args:
+        name: None or ``shapes-clip`` for the embedded scorer, a folder, a registry scorer alias
+            (``clip-vit-base-patch32``) or an ``org/name`` repo id.
+        cache_dir: HF cache folder (default: ``HF_HUB_CACHE``), as given to ``dalle download --cache-dir``.
+        revision: branch, tag or commit given to ``dalle download --revision`` (default: the registry entry's
+            ``revision``, else main).
+
+    Returns:
+        A :class:`ResolvedModel`: ``name`` the alias (or repo id, or path), ``path`` the folder, ``spec`` the registry
+        entry or None, ``revision`` the snapshot's commit (``dallecli-<version>`` for the embedded scorer, None
+        for a local folder).
+
+    Raises:
+        ModelNotFoundError: the embedded scorer is missing from the installation (the message gives the rebuild
+            command), a folder without ``config.json``, or a scorer that is not downloaded (or only partly: no
+            ``model.safetensors``); the message says how to get it.
+        UsageError: a registry entry of another kind (a text-to-image model, a VAE...), or a name that is neither
+            a path, an alias nor a well-formed repo id.
+    """
+    if name in (None, "", EMBEDDED_SCORER):
+        path = embedded_scorer_path()
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"the embedded scorer ({EMBEDDED_SCORER}) is missing from this installation; rebuild it with "
+                f"`python -m dallecli.training.build_scorer --out src/dallecli/models/{EMBEDDED_SCORER}`"
+            )
+        return ResolvedModel(EMBEDDED_SCORER, path, REGISTRY[EMBEDDED_SCORER], f"dallecli-{__version__}")
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local.is_dir() and (local / "config.json").is_file()):
+            raise ModelNotFoundError(f"--scorer {local}: a scorer folder needs a config.json (a transformers CLIP "
+                                     "model folder, as `dalle download` or `save_pretrained` writes it)")
+        return ResolvedModel(str(local), local.resolve(), None, None)
+    name, notice = canonical_name(name)
+    spec = lookup(name)
+    if spec is not None and spec.kind != "scorer":
+        raise UsageError(f"--scorer {name}: {wrong_kind(spec, 'scorer')}")
+    repo_id = spec.repo_id if spec else check_repo_id(name, "--scorer")
+    alias = spec.alias if spec else repo_id
+    if revision is None and spec is not None:
+        revision = spec.revision
+    command = (f"dalle download {alias}" + (f" --revision {revision}" if revision and spec is None else "")
+               + (f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir else ""))
+    found = _cached_file(repo_id, "config.json", cache_dir, revision)
+    if found is None:
+        raise ModelNotFoundError(f"scorer '{alias}' is not downloaded; run `{command}`")
+    folder = found.parent
+    if not any((folder / weights).is_file() for weights in ("model.safetensors", "model.safetensors.index.json")):
+        raise ModelNotFoundError(f"scorer '{alias}' is only partly downloaded (no model.safetensors; an interrupted "
+                                 f"download?); run `{command}` again")
+    return ResolvedModel(alias, folder, spec, folder.name, notice)
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name; what a LoRA repo's download holds

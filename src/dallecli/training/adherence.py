@@ -1,6 +1,7 @@
 """Measure how well a model follows shapes-world prompts, by detecting what it drew from the pixels.
 
     python -m dallecli.training.adherence [--model PATH] [--per-category 120] [--check-detector]
+    python -m dallecli.training.adherence --rerank 4 [--scorer NAME]   # each image the best of 4 by CLIP
 
 The detector reads an image as the shapes world draws it: the background is the dominant colour of the
 border, the object is the pixels past the half-way point between background and object colour; colour is the
@@ -160,11 +161,16 @@ def score(scenes: list[shapes.Scene], detections: list[Detection]) -> dict[str, 
 
 def evaluate(model: str | None, per_category: int = 120, seed: int = 1234, steps: int | None = None,
              guidance: float | None = None, scheduler: str | None = None, check_detector: bool = False,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, rerank: int | None = None, scorer: str | None = None) -> dict:
     """Generate (or, with ``check_detector``, render) every evaluation scene and score it.
 
+    With ``rerank`` K, each scene's image is the best of K candidates (seeds s, s+1, ..., s+K-1, where s is the
+    seed the image has without reranking) by the CLIP ``scorer`` (None: the embedded one), as
+    ``dalle generate --rerank K`` picks it.
+
     Returns:
-        ``{category: {attribute: {"accuracy", "n"}}, "seconds_per_image": float}``.
+        ``{category: {attribute: {"accuracy", "n"}}, "seconds_per_image": float}`` (seconds per image kept, the
+        candidates' generation and scoring included).
     """
     categories = evaluation_scenes(per_category, seed)
     results: dict = {}
@@ -173,6 +179,11 @@ def evaluate(model: str | None, per_category: int = 120, seed: int = 1234, steps
         from dallecli.engine.generate import Engine
 
         engine = Engine(model)
+    clip = None
+    if rerank and not check_detector:
+        from dallecli.scoring.clip import ClipScorer
+
+        clip = ClipScorer.load(scorer)
     started, count = time.perf_counter(), 0
     for category, scenes in categories.items():
         if check_detector:
@@ -181,11 +192,17 @@ def evaluate(model: str | None, per_category: int = 120, seed: int = 1234, steps
             from dallecli.engine.request import GenerationRequest
 
             shared = GenerationRequest("", steps=steps, guidance_scale=guidance, scheduler=scheduler)
-            items = [(prompt_for(scene), seed * 1000 + index) for index, scene in enumerate(scenes)]
-            detections = []
+            per_scene = rerank or 1
+            items = [(prompt_for(scene), seed * 1000 + index + j) for index, scene in enumerate(scenes)
+                     for j in range(per_scene)]
+            images = []
             for start in range(0, len(items), batch_size):  # different prompts share a forward pass
-                batch = engine.generate_items(items[start:start + batch_size], shared)
-                detections.extend(detect(r.image) for r in batch)
+                images.extend(r.image for r in engine.generate_items(items[start:start + batch_size], shared))
+            if clip is not None:  # keep the best of each scene's candidates (the earlier seed on a tie)
+                scores = clip.score(images, [prompt for prompt, _ in items])
+                images = [images[max(range(start, start + per_scene), key=lambda i: (scores[i].cosine, -i))]
+                          for start in range(0, len(images), per_scene)]
+            detections = [detect(image) for image in images]
         count += len(scenes)
         results[category] = score(scenes, detections)
     results["seconds_per_image"] = round((time.perf_counter() - started) / max(count, 1), 3)
@@ -201,9 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--scheduler", default=None)
     parser.add_argument("--check-detector", action="store_true", help="score the ground-truth renderer instead")
+    parser.add_argument("--rerank", type=int, default=None, help="keep the best of K candidates by the scorer")
+    parser.add_argument("--scorer", default=None, help="CLIP scorer for --rerank (default: the embedded one)")
     args = parser.parse_args(argv)
     result = evaluate(args.model, args.per_category, args.seed, args.steps, args.guidance, args.scheduler,
-                      args.check_detector)
+                      args.check_detector, rerank=args.rerank, scorer=args.scorer)
     print(json.dumps(result, indent=2))
 
 

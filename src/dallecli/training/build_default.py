@@ -12,7 +12,10 @@ Stages (each cached in ``--work``, so an interrupted build resumes where it stop
    its EMA weights are kept in ``--work``/base;
 5. "layout": train on from those weights with half of each batch drawn from the noisiest fifth of the
    timesteps and the Min-SNR weight floored at 1 (truncated SNR), which teaches the position words;
-6. save a ``StableDiffusionPipeline`` folder (safetensors only) plus ``training.json`` recording how.
+6. save a ``StableDiffusionPipeline`` folder (safetensors only) plus ``training.json`` recording how;
+7. train the embedded CLIP scorer (``shapes-clip``, for ``dalle score`` and ``--rerank``) on the same world with
+   the new model's tokenizer (:mod:`dallecli.training.build_scorer`), into ``--scorer-out`` (default: beside
+   ``--out``, named ``shapes-clip``).
 
 The result loads with plain ``diffusers.DiffusionPipeline.from_pretrained(path, use_safetensors=True)``.
 """
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--learning-rate", type=float, default=6e-4)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--scorer-out", type=Path, default=None,
+                        help="the embedded scorer's folder (default: shapes-clip beside --out)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -244,6 +249,14 @@ def main(argv: list[str] | None = None) -> None:
         # The full log (every stage, loss and steps/s, with times, across interruptions and resumes).
         shutil.copyfile(work / "log.txt", staging / "training-log.txt")
     say(f"wrote {args.out} ({record['steps']} steps, {time.time() - started:.0f} s)")
+
+    # 7. the embedded scorer, reading prompts with this model's tokenizer
+    from dallecli.training import build_scorer
+
+    scorer_out = args.scorer_out or args.out.parent / "shapes-clip"
+    build_scorer.main(["--out", str(scorer_out), "--tokenizer", str(args.out / "tokenizer"),
+                       "--work", str(work / "scorer"), "--seed", str(args.seed)]
+                      + (["--threads", str(args.threads)] if args.threads else []))
 
 
 @dataclass

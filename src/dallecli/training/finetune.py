@@ -15,7 +15,9 @@ Steps of :func:`finetune` (nothing is printed here; progress goes through :class
 5. run the shared :class:`~dallecli.training.trainer.DenoiserTrainer` (accelerate, Min-SNR, atomic
    checkpoints, resume, stop at the first non-finite loss), rendering samples every ``sample_every`` steps;
 6. write ``lora.safetensors`` (diffusers/PEFT keys, metadata in the header), optionally
-   ``lora.kohya.safetensors``, or with ``full`` a pipeline folder ``model/``; all atomically.
+   ``lora.kohya.safetensors``, or with ``full`` a pipeline folder ``model/`` whose ``training.json`` keeps the
+   base model's generation defaults (steps and guidance; the training resolution as the size), read back by
+   :func:`dallecli.engine.loading.recorded_defaults`; all atomically.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class FinetuneHooks:
     Attributes:
         scanned: the data folder was checked (before anything loads).
         stage: a stage begins, e.g. "encoding 6 images".
+        notice: something the user should know that does not stop the run (``--resume`` with no checkpoint,
+            a ``--batch-size`` larger than the data set).
         resumed: training continues from this checkpoint step.
         started: the loop starts at this step (0, or the resumed step).
         step: after every optimiser step (:class:`~dallecli.training.trainer.StepReport`).
@@ -122,6 +126,7 @@ class FinetuneHooks:
 
     scanned: Callable[[FolderScan], None] | None = None
     stage: Callable[[str], None] | None = None
+    notice: Callable[[str], None] | None = None
     resumed: Callable[[int], None] | None = None
     started: Callable[[int], None] | None = None
     step: Callable[[object], None] | None = None
@@ -163,20 +168,25 @@ def validate(config: FinetuneConfig) -> None:
     Raises:
         UsageError: naming the option and the bad value.
     """
-    checks = [
-        ("--steps", config.steps, config.steps >= 1), ("--rank", config.rank, config.rank >= 1),
-        ("--batch-size", config.batch_size, config.batch_size >= 1),
-        ("--gradient-accumulation", config.gradient_accumulation, config.gradient_accumulation >= 1),
-        ("--learning-rate", config.learning_rate, config.learning_rate > 0 and math.isfinite(config.learning_rate)),
-        ("--save-every", config.save_every, config.save_every >= 0),
-        ("--sample-every", config.sample_every, config.sample_every >= 0),
-        ("--alpha", config.alpha, config.alpha is None or (config.alpha > 0 and math.isfinite(config.alpha))),
+    at_least_one = "a whole number, at least 1"
+    checks = [  # (option, value, whether it is in range, the range)
+        ("--steps", config.steps, config.steps >= 1, at_least_one),
+        ("--rank", config.rank, config.rank >= 1, at_least_one),
+        ("--batch-size", config.batch_size, config.batch_size >= 1, at_least_one),
+        ("--gradient-accumulation", config.gradient_accumulation, config.gradient_accumulation >= 1, at_least_one),
+        ("--learning-rate", config.learning_rate, config.learning_rate > 0 and math.isfinite(config.learning_rate),
+         "a number greater than 0, e.g. 1e-4"),
+        ("--save-every", config.save_every, config.save_every >= 0, "0 (only at the end) or more"),
+        ("--sample-every", config.sample_every, config.sample_every >= 0, "0 (no samples) or more"),
+        ("--alpha", config.alpha, config.alpha is None or (config.alpha > 0 and math.isfinite(config.alpha)),
+         "a number greater than 0"),
     ]
-    for name, value, ok in checks:
+    for name, value, ok, allowed in checks:
         if not ok:
-            raise UsageError(f"{name} {value} is out of range")
+            raise UsageError(f"{name} must be {allowed} (got {value:g})" if isinstance(value, float)
+                             else f"{name} must be {allowed} (got {value})")
     if config.resolution is not None and (config.resolution < 8 or config.resolution % 8):
-        raise UsageError(f"--resolution {config.resolution} must be a multiple of 8 (e.g. 512 or 768)")
+        raise UsageError(f"--resolution {config.resolution} must be a multiple of 8, at least 8 (e.g. 512 or 768)")
     if config.mixed_precision not in MIXED_PRECISION:
         raise UsageError(f"--mixed-precision {config.mixed_precision!r}: use one of {', '.join(MIXED_PRECISION)}")
     if config.mixed_precision == "fp16":
@@ -210,6 +220,15 @@ def check_output(config: FinetuneConfig) -> Path:
             raise UsageError(f"--output {output}: {output / name} is a folder, where the run writes a file; "
                              "move it or choose another --output")
     return output
+
+
+def latest_checkpoint_step(config: FinetuneConfig) -> int | None:
+    """The step of the newest complete checkpoint in the run's output folder (what ``--resume`` continues
+    from), or None when there is none. Reads folder names only."""
+    from dallecli.training.checkpoint import PREFIX, list_checkpoints
+
+    found = list_checkpoints(config.output_dir() / "checkpoints")
+    return int(found[-1].name.removeprefix(PREFIX)) if found else None
 
 
 def check_model(model: str | None, revision: str | None = None, cache_dir: Path | None = None):
@@ -481,14 +500,21 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
     if existing and not config.resume:
         raise UsageError(f"{output} already holds checkpoints (latest {existing[-1].name}); add --resume to "
                          "continue that run, or choose another --output")
+    if config.resume and not existing:
+        _emit(hooks.notice, f"--resume: no checkpoint in {checkpoints}; starting from step 0")
     scan = scan_folder(config.data_dir, config.caption, config.caption_prefix)
     _emit(hooks.scanned, scan)
     check_captions(scan, config.allow_missing_captions)
+    examples = len(scan.examples) * (2 if config.flip else 1)
+    if config.batch_size > examples:  # batches are drawn with replacement: it runs, repeating images
+        _emit(hooks.notice, f"--batch-size {config.batch_size} is larger than the {examples} training example(s): "
+                            "every batch repeats images; a smaller --batch-size (or more images) trains the same "
+                            "for less compute")
 
     import torch
     from diffusers import DDPMScheduler
 
-    from dallecli.engine.loading import default_size, pipeline_class_name
+    from dallecli.engine.loading import GENERATION_DEFAULTS_KEY, default_size, pipeline_class_name, recorded_defaults
     from dallecli.store.registry import defaults_for
     from dallecli.training.trainer import DenoiserTrainer, EncodedData, StepReport, TrainSettings
 
@@ -536,7 +562,8 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
     resumed = trainer.resume() if config.resume else 0
     if resumed:
         _emit(hooks.resumed, resumed)
-    defaults = defaults_for(resolved.spec, pipeline_class_name(resolved.path), resolution)
+    defaults = ((None if resolved.spec else recorded_defaults(resolved.path))  # a --full model's own, as generate
+                or defaults_for(resolved.spec, pipeline_class_name(resolved.path), resolution))
     samples: list[Path] = []
     sampling = [0.0]  # seconds spent rendering samples, left out of steps/s
 
@@ -573,7 +600,10 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
             model_path = output / "model"
             with staged_folder(model_path, what=f"the model in {output}", advice=RESUME_ADVICE) as staging:
                 pipe.save_pretrained(staging, safe_serialization=True)
-                (staging / "training.json").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+                # the base model's generation defaults travel with the model (a folder has no registry entry)
+                record = {**metadata, GENERATION_DEFAULTS_KEY: {"steps": defaults["steps"], "guidance": defaults[
+                    "guidance"], "width": resolution, "height": resolution}}
+                (staging / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         else:
             lora_path, kohya_path = write_lora(pipe, output, metadata, alpha / config.rank,
                                                config.train_text_encoder, config.export_kohya)
@@ -593,4 +623,5 @@ def finetune(config: FinetuneConfig, hooks: FinetuneHooks | None = None) -> Fine
     return summary
 
 
-__all__ = ["FinetuneConfig", "FinetuneHooks", "FinetuneResult", "finetune", "validate", "DatasetError"]
+__all__ = ["FinetuneConfig", "FinetuneHooks", "FinetuneResult", "finetune", "latest_checkpoint_step", "validate",
+           "DatasetError"]

@@ -97,9 +97,47 @@ class EncodedData:
         return self.latents.shape[0]
 
 
+LOSS_BETA = 0.98  # decay of the displayed loss's moving average (about the last 50 steps)
+
+
+class LossAverage:
+    """The displayed loss: an exponential moving average of the step losses with Adam's bias correction
+    (Kingma & Ba 2015, "Adam: A Method for Stochastic Optimization", section 3).
+
+    ``ema_t = beta * ema_(t-1) + (1 - beta) * loss_t`` from ``ema_0 = 0``, shown as ``ema_t / (1 - beta**t)``: step
+    1 shows its own loss, and the average neither starts at one noisy step's value nor climbs for ~1/(1-beta)
+    steps as an uncorrected average from 0 would (which looks like divergence). ``t`` counts the steps averaged,
+    so the value continues exactly across a resume (:meth:`state`, :meth:`load`).
+    """
+
+    def __init__(self, beta: float = LOSS_BETA):
+        self.beta, self.ema, self.count = beta, 0.0, 0
+
+    def update(self, loss: float) -> float:
+        """Add one step's loss; returns the corrected average."""
+        self.ema = self.beta * self.ema + (1 - self.beta) * loss
+        self.count += 1
+        return self.value
+
+    @property
+    def value(self) -> float:
+        """The bias-corrected average, NaN before the first step."""
+        return self.ema / (1 - self.beta ** self.count) if self.count else math.nan
+
+    def state(self) -> dict[str, float]:
+        """What a checkpoint stores: ``{"beta", "ema", "count"}``."""
+        return {"beta": self.beta, "ema": self.ema, "count": self.count}
+
+    def load(self, state: dict | None) -> None:
+        """Restore :meth:`state`; None (a checkpoint from before it was stored) starts the average afresh."""
+        if state:
+            self.beta, self.ema, self.count = float(state["beta"]), float(state["ema"]), int(state["count"])
+
+
 @dataclass
 class StepReport:
-    """What the loop reports after each optimiser step (``step`` is 1-based, ``loss`` the step's mean)."""
+    """What the loop reports after each optimiser step (``step`` is 1-based, ``loss`` the bias-corrected moving
+    average of the step losses, :class:`LossAverage`)."""
 
     step: int
     total: int
@@ -108,7 +146,8 @@ class StepReport:
 
 @dataclass
 class TrainResult:
-    """Summary of a finished run: first step run (0 unless resumed), steps, final smoothed loss, wall time (s)."""
+    """Summary of a finished run: first step run (0 unless resumed), steps, final smoothed loss
+    (:class:`LossAverage`), wall time (s)."""
 
     resumed_from: int
     steps: int
@@ -219,6 +258,7 @@ class DenoiserTrainer:
         self.noise_generator = torch.Generator().manual_seed(rank_seed(settings.seed, self.rank))
         self.python_rng = random.Random(settings.seed)
         self.step = 0
+        self.loss_average = LossAverage()
 
     @property
     def is_main_process(self) -> bool:
@@ -226,7 +266,8 @@ class DenoiserTrainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        """Everything needed to resume: trained weights, optimizer, LR scheduler, EMA and RNG states."""
+        """Everything needed to resume: trained weights, optimizer, LR scheduler, EMA and RNG states, and the
+        displayed loss's average (:class:`LossAverage`)."""
         state = {
             "parameters": [p.detach() for p in self.parameters],
             "optimizer": self.optimizer.optimizer.state_dict() if hasattr(self.optimizer, "optimizer")
@@ -237,6 +278,7 @@ class DenoiserTrainer:
             "torch_rng": torch.get_rng_state(),
             "python_rng": list(self.python_rng.getstate()[1]) + [self.python_rng.getstate()[2]],
             "settings": asdict(self.settings),
+            "loss_average": self.loss_average.state(),
         }
         if self.ema is not None:
             ema_state = self.ema.state_dict()
@@ -292,6 +334,7 @@ class DenoiserTrainer:
         self.python_rng.setstate((3, tuple(python_state[:-1]), python_state[-1]))
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
+        self.loss_average.load(state.get("loss_average"))
         self.step = step
         return step
 
@@ -372,7 +415,6 @@ class DenoiserTrainer:
         import time
 
         start_step, started = self.step, time.perf_counter()
-        smoothed = math.nan
         self.unet.train()
         self.text_encoder.train(self.train_text_encoder)
         while self.step < self.settings.steps:
@@ -392,7 +434,7 @@ class DenoiserTrainer:
             self.step += 1
             if self.ema is not None:
                 self.ema.step(self.parameters)
-            smoothed = step_loss if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * step_loss
+            smoothed = self.loss_average.update(step_loss)
             if on_step and self.is_main_process:
                 on_step(StepReport(self.step, self.settings.steps, smoothed))
             every = self.settings.save_every
@@ -401,7 +443,8 @@ class DenoiserTrainer:
                 if on_save and self.is_main_process:
                     on_save(self.step)
         self.accelerator.wait_for_everyone()
-        return TrainResult(start_step, self.step, smoothed, time.perf_counter() - started, asdict(self.settings))
+        return TrainResult(start_step, self.step, self.loss_average.value, time.perf_counter() - started,
+                           asdict(self.settings))
 
     def averaged_weights(self):
         """Context manager: inside it the trained parameters hold their EMA values (no-op without EMA)."""

@@ -1,0 +1,1 @@
+"""Image–text scoring with CLIP models (``dalle score``) and best-of-K reranking (``--rerank``)."""
