@@ -112,7 +112,8 @@ def test_a_grid_too_big_for_the_format_is_refused_before_any_image(tiny_pipeline
 
 
 def test_a_prompt_too_long_for_jpeg_metadata_is_refused_before_any_image(tiny_pipeline, tmp_path):
-    (tmp_path / "p.txt").write_text("a red circle\n" + "word " * 8000 + "\n")
+    # under the 32,000-character limit of every prompt, but 70,000 bytes as the EXIF UserComment's UTF-16
+    (tmp_path / "p.txt").write_text("a red circle\n" + "\U0001f431\U0001f431 " * 7000 + "\n", encoding="utf-8")
     result = invoke("batch", str(tmp_path / "p.txt"), *tiny(tiny_pipeline, "--format", "jpeg",
                                                             "--out", str(tmp_path / "out")))
     assert result.exit_code == 2, result.output

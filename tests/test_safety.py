@@ -48,7 +48,7 @@ KINDS = ["protocol-0", "protocol-2", "protocol-4", "protocol-5", "zip"]
 
 def generate(*args: str):
     return CliRunner().invoke(app, ["generate", "a cat", "--width", "32", "--height", "32", "--steps", "2",
-                                    "--device", "cpu", *args])
+                                    "--device", "cpu", "--progress", "none", *args])
 
 
 @pytest.mark.parametrize("kind", KINDS)

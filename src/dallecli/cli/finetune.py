@@ -12,7 +12,7 @@ import typer
 
 from dallecli.cli.completion import complete_model
 from dallecli.cli.errors import Interrupted, handles_errors
-from dallecli.cli.options import CacheDir, Progress, Revision
+from dallecli.cli.options import CacheDir, Progress, Revision, Scorer
 
 
 class _Progress:
@@ -65,6 +65,33 @@ def _interrupted(config, step: int | None) -> str:
             f"Resume with: {command}")
 
 
+CAPTIONS_LISTED = 10  # lowest-scoring image/caption pairs --check-captions prints
+
+
+def _check_captions(data_dir: Path, caption, caption_prefix, scorer, cache_dir, json_output: bool) -> None:
+    from dallecli.cli.console import info, out, out_json, warn
+    from dallecli.scoring.clip import ClipScorer
+    from dallecli.scoring.files import rank_captions
+    from dallecli.training.dataset import scan_folder
+
+    scan = scan_folder(data_dir, caption, caption_prefix)
+    for skipped in scan.skipped:
+        warn(f"skipped {skipped.path}: {skipped.reason}")
+    clip = ClipScorer.load(scorer, cache_dir)
+    ranked = rank_captions(clip, scan.examples)
+    scored = [r for r in ranked if r.problem is None]
+    if json_output:
+        out_json({"scorer": clip.describe(), "images": [r.as_dict() for r in ranked]})
+        return
+    info(f"{len(scored)} image/caption pair(s) scored with {clip.name}; the {min(CAPTIONS_LISTED, len(scored))} "
+         "lowest (a caption that does not describe its image scores low):")
+    for result in scored[:CAPTIONS_LISTED]:
+        text = result.prompt if len(result.prompt) <= 60 else result.prompt[:57] + "..."
+        out(f"{result.clip_score:6.2f}  {result.path}  {text}")
+    for result in ranked[len(scored):]:
+        warn(f"{result.path}: {result.problem}")
+
+
 @handles_errors
 def finetune(
     data_dir: Annotated[Path, typer.Argument(help="Folder of images with captions (.txt/.caption, metadata.jsonl or metadata.csv).")],
@@ -96,9 +123,19 @@ def finetune(
     export_kohya: Annotated[bool, typer.Option(help="Also write lora.kohya.safetensors (kohya/A1111 keys).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     progress_display: Progress = None,
+    check_captions: Annotated[bool, typer.Option("--check-captions", help="Score every image against its caption with a CLIP scorer, list the lowest, and stop (no training).")] = False,
+    scorer: Scorer = None,
 ) -> None:
     """Fine-tune a model on a folder of your images (LoRA by default)."""
     from dallecli.cli.console import info, out, out_json, warn
+
+    if check_captions:
+        _check_captions(data_dir, caption, caption_prefix, scorer, cache_dir, json_output)
+        return
+    if scorer:
+        from dallecli.errors import UsageError
+
+        raise UsageError("--scorer needs --check-captions")
     from dallecli.training.finetune import FinetuneConfig, FinetuneHooks, finetune as run_finetune, latest_checkpoint_step
 
     config = FinetuneConfig(

@@ -114,3 +114,35 @@ def write_scored_manifest(folder: Path, scores: list[FileScore], scorer: ClipSco
     target = Path(folder) / SCORED_MANIFEST
     write_file(target, "\n".join(lines) + "\n", what=f"the scored manifest {target}")
     return target
+
+
+def rank_captions(scorer: ClipScorer, examples) -> list[FileScore]:
+    """Score every captioned training image against its own caption, lowest first: captions that do not
+    describe their image are the commonest silent fault in fine-tuning data.
+
+    Args:
+        examples: :class:`dallecli.training.dataset.Example` items (path and caption); uncaptioned ones are
+            given a ``problem``.
+
+    Returns:
+        One :class:`FileScore` per example, unscored ones last, the scored ones by ascending cosine.
+    """
+    captioned = [e for e in examples if e.caption]
+    scored = _score_pairs(scorer, captioned)
+    missing = [FileScore(e.path, None, problem="no caption") for e in examples if not e.caption]
+    done = sorted((r for r in scored if r.problem is None), key=lambda r: r.cosine)
+    return done + [r for r in scored if r.problem] + missing
+
+
+def _score_pairs(scorer: ClipScorer, examples) -> list[FileScore]:
+    from dallecli.engine.inputs import load_init_image
+
+    images, kept, results = [], [], []
+    for example in examples:
+        try:
+            images.append(load_init_image(example.path, "image").rgb)
+            kept.append(example)
+        except UsageError as exc:
+            results.append(FileScore(example.path, example.caption, problem=str(exc)))
+    scores = scorer.score(images, [e.caption for e in kept]) if kept else []
+    return [FileScore(e.path, e.caption, s.clip_score, s.cosine) for e, s in zip(kept, scores)] + results

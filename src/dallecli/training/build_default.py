@@ -70,28 +70,31 @@ def noise_scheduler_config() -> dict:
     }
 
 
-def build_text_encoder(vocab_size: int, bos: int, eos: int):
-    """A 2-layer CLIP text encoder, hidden size 128, for the closed shapes vocabulary."""
+def build_text_encoder(vocab_size: int, bos: int, eos: int, *, hidden_size: int = 128, layers: int = 2,
+                       max_tokens: int = MAX_TOKENS):
+    """A CLIP text encoder (by default 2 layers, hidden size 128, for the closed shapes vocabulary)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=128,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=max_tokens, projection_dim=hidden_size,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
     )
     return CLIPTextModel(config)
 
 
-def build_unet(latent_channels: int, latent_size: int):
-    """A 4.2M-parameter UNet: channels 32/64/128, cross-attention at 1/2 and 1/4 of the latent size."""
+def build_unet(latent_channels: int, latent_size: int, *, channels: tuple[int, int, int] = (32, 64, 128),
+               cross_attention_dim: int = 128):
+    """A UNet with cross-attention at 1/2 and 1/4 of the latent size; by default 4.2M parameters, channels
+    32/64/128 (the shapes model). ``cross_attention_dim`` is the text encoder's hidden size."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-        block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=16,
+        block_out_channels=tuple(channels), layers_per_block=1, norm_num_groups=16,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=128,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,  # diffusers reads this as the number of heads
     )
 
