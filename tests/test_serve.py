@@ -196,9 +196,9 @@ def test_concurrent_requests_become_one_pass_equal_to_a_batched_run_and_a_full_q
     def ask(seed: int, **extra) -> None:
         answers[seed] = generate(server, prompt=PROMPT, seed=seed, size="64x64", response_format="b64_json", **extra)
 
-    blocker = threading.Thread(target=ask, args=(1,), kwargs={"steps": 60})  # other settings: a pass of its own
+    blocker = threading.Thread(target=ask, args=(1,), kwargs={"steps": 400})  # other settings, a pass of its own, long enough to outlast queueing on a loaded machine
     blocker.start()
-    wait_until(lambda: progress(server)["busy"] and progress(server)["steps"] == 60)
+    wait_until(lambda: progress(server)["busy"] and progress(server)["steps"] == 400)
     waiting = []
     for queued, seed in enumerate((20, 21, 22, 23), start=1):  # one by one, so that the pass keeps this order
         waiting.append(threading.Thread(target=ask, args=(seed,)))
