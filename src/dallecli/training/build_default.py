@@ -41,6 +41,7 @@ from dallecli.training import shapes
 from dallecli.training.autoencoder import AutoencoderConfig, train_autoencoder
 from dallecli.training.trainer import DenoiserTrainer, EncodedData, StepReport, TrainSettings
 from dallecli.training.vocabulary import build_clip_vocabulary
+from dallecli.training.worklog import work_log
 
 SUBJECT = "flat coloured shapes (circle, square, triangle) on plain backgrounds"
 MAX_TOKENS = 32  # the captions of this world need at most ~16 tokens
@@ -149,14 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    log = (work / "log.txt").open("a", encoding="utf-8")
-
-    def say(message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = work_log(work)
 
     started = time.time()
     from diffusers import AutoencoderTiny, DDPMScheduler

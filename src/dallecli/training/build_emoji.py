@@ -55,6 +55,7 @@ from dallecli.training.build_default import (
 from dallecli.training.emoji_source import DEFAULT_CACHE, SELECTIONS, load_concepts, sources_record
 from dallecli.training.trainer import DenoiserTrainer, EncodedData, StepReport, TrainSettings, rank_seed
 from dallecli.training.vocabulary import build_clip_vocabulary
+from dallecli.training.worklog import work_log
 
 SUBJECT = "emoji (Noto) of everyday things on plain or gradient backgrounds, at a size and a position"
 MAX_TOKENS = 32  # the longest caption of the emoji world is ~24 tokens (checked at build time)
@@ -489,14 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    log = (work / "log.txt").open("a", encoding="utf-8")
-
-    def say(message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
-        print(line, file=sys.stderr, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = work_log(work, sys.stderr)
 
     started = time.time()
     stop = [False]
@@ -510,7 +504,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-        log.close()
     if out is not None:
         print(out)  # stdout: the written pipeline folder
 

@@ -35,6 +35,7 @@ from dallecli.atomic import staged_folder
 from dallecli.scoring.clip import projected
 from dallecli.training import shapes
 from dallecli.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dallecli.training.worklog import work_log
 
 ATTRIBUTES = ("colour", "shape", "background", "size", "position")
 MAX_TOKENS = 32  # as the embedded model's text encoder
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("build/scorer-work"), help="checkpoints (resumable)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=30_000)
-    parser.add_argument("--steps", type=int, default=3_000)
+    parser.add_argument("--steps", type=int, default=6_000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--save-every", type=int, default=250)
@@ -194,14 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from transformers import CLIPProcessor, CLIPTokenizer
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    log = (args.work / "log.txt").open("a", encoding="utf-8")
-
-    def say(message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
-        print(line, flush=True)
-        log.write(line + "\n")
-        log.flush()
+    say = work_log(args.work)
 
     tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer)
     images, captions, negatives, _ = make_data(args.images, args.seed)

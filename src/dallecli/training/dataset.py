@@ -76,6 +76,20 @@ class FolderScan:
         return f"{self.captioned}/{len(self.examples)} images captioned"
 
 
+def write_example(folder: Path, name: str, image, caption: str) -> Path:
+    """Write one training pair the way :func:`scan_folder` reads it, ``name.png`` and ``name.txt`` (the caption),
+    each atomically. ``image`` is a PIL image. Returns the PNG's path."""
+    import io
+
+    from dallecli.atomic import write_file
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path = write_file(Path(folder) / f"{name}.png", buffer.getvalue())
+    write_file(path.with_suffix(".txt"), caption + "\n")
+    return path
+
+
 def _read_text(path: Path) -> str:
     return path.read_text(encoding="utf-8-sig", errors="replace").strip()
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import random
 import sys
 import zlib
@@ -30,7 +29,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dallecli.atomic import write_file
 from dallecli.training import shapes
 from dallecli.training.emoji_source import DEFAULT_CACHE, SELECTIONS, Concept, load_concepts
 
@@ -384,20 +382,18 @@ def evaluation_scenes(concepts: list[Concept], per_concept: int = 4, seed: int =
 
 
 def write_folder(out: Path, count: int, concepts: list[Concept], seed: int = 0) -> list[Path]:
-    """Write ``count`` training image/caption pairs (``0000.png`` + ``0000.txt``) into ``out``, atomically.
+    """Write ``count`` training image/caption pairs (``00000.png`` + ``00000.txt``) into ``out``, atomically.
 
     Returns:
         The image paths written.
     """
+    from dallecli.training.dataset import write_example
+
     rng = random.Random(seed)
     paths = []
     for index in range(count):
         scene = sample_scene(rng, concepts)
-        buffer = io.BytesIO()
-        render(scene).save(buffer, format="PNG")
-        path = write_file(Path(out) / f"{index:05d}.png", buffer.getvalue())
-        write_file(path.with_suffix(".txt"), caption(scene, rng) + "\n")
-        paths.append(path)
+        paths.append(write_example(out, f"{index:05d}", render(scene), caption(scene, rng)))
     return paths
 
 

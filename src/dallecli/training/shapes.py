@@ -175,20 +175,18 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 
 def write_folder(out: Path, count: int, seed: int = 0) -> list[Path]:
-    """Write ``count`` image/caption pairs (``0000.png`` + ``0000.txt``) into ``out``.
+    """Write ``count`` image/caption pairs (``0000.png`` + ``0000.txt``) into ``out``, atomically.
 
     Returns:
         The image paths written.
     """
+    from dallecli.training.dataset import write_example
+
     rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for index in range(count):
         scene = sample_scene(rng)
-        path = out / f"{index:04d}.png"
-        render(scene).save(path)
-        path.with_suffix(".txt").write_text(caption(scene, rng) + "\n", encoding="utf-8")
-        paths.append(path)
+        paths.append(write_example(out, f"{index:04d}", render(scene), caption(scene, rng)))
     return paths
 
 
