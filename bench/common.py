@@ -22,10 +22,12 @@ def machine() -> str:
         pass
     import torch
 
+    from bench.cpu import NOTABLE_FLAGS
     from dallecli.engine.device import cpu_flags
 
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile")
-    flags = ", ".join(f for f in wanted if f in cpu_flags()) or "none of avx2/avx512/amx"
+    found = cpu_flags()
+    flags = (", ".join(f for f in NOTABLE_FLAGS if f in found) or "none of avx/avx2/avx512/amx") if found else \
+        "unknown (no /proc/cpuinfo flags)"
     return (f"{cpu}, {os.cpu_count()} cores, flags: {flags}, Python {platform.python_version()}, "
             f"torch {torch.__version__}")
 
@@ -36,6 +38,15 @@ def run_process(args: list[str], env: dict | None = None) -> float:
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                    env=dict(os.environ, **(env or {})))
     return time.perf_counter() - started
+
+
+def run_process_cpu(args: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall time and CPU time (user + system, s) of a child process, which must succeed. On a loaded machine
+    the CPU time is the steadier of the two: time spent waiting for a core is not in it."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = run_process(args, env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def children_peak_rss_mb() -> float:

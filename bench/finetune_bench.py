@@ -31,10 +31,10 @@ def baseline(model: str | None, steps: int, batch_size: int, resolution: int | N
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    from dallecli.engine.loading import default_size
+    from dallecli.weightfiles import default_size
     from dallecli.engine.inputs import load_rgb
     from dallecli.training.dataset import image_tensor, resize_and_crop, scan_folder
-    from dallecli.training.finetune import UNET_TARGETS, load_components
+    from dallecli.training.finetune_model import UNET_TARGETS, load_components
 
     resolved, pipe = load_components(model)
     size = resolution or default_size(resolved.path) or 512

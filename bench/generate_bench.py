@@ -1,6 +1,7 @@
 """Start-up, cold and warm generation with the embedded model, next to plain diffusers doing the same work.
 
     python -m bench.generate_bench [--repeats 5]
+    python -m bench.generate_bench --only cold --repeats 7   # the cold-start row alone, each run printed
 
 Rows (median of interleaved runs, ratio = dallecli / baseline):
 - `dalle --help` against a bare `python -c pass` (the interpreter's own start-up);
@@ -12,11 +13,13 @@ Rows (median of interleaved runs, ratio = dallecli / baseline):
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import PYTHON, interleaved, machine, row, run_process
+from bench.common import PYTHON, interleaved, machine, row, run_process, run_process_cpu
 
 PROMPT = "a red circle on a blue background"
 PLAIN_SCRIPT = """
@@ -32,13 +35,33 @@ image.save(sys.argv[3])
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=("cold",), help="measure one row only (cold: process start to PNG written)")
     args = parser.parse_args(argv)
     from dallecli.store.resolve import embedded_model_path
 
     model = str(embedded_model_path())
     work = Path(tempfile.mkdtemp(prefix="dalle-bench-"))
+    load_before = os.getloadavg()[0]
     counter = iter(range(10**6))
 
+    if args.only == "cold":
+        runs: dict[str, list[tuple[float, float]]] = {"dalle": [], "plain": []}
+        for _ in range(args.repeats):  # alternating; each run printed, wall and CPU time, so the spread is visible
+            runs["dalle"].append(run_process_cpu([PYTHON, "-m", "dallecli", "generate", PROMPT, "--seed", "1",
+                                                  "--out", str(work / f"ours{next(counter)}")]))
+            runs["plain"].append(run_process_cpu([PYTHON, "-c", PLAIN_SCRIPT, model, PROMPT,
+                                                  str(work / f"plain{next(counter)}.png")]))
+        print(f"Machine: {machine()}; load average before: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}")
+        for name, values in [(k, v) for k, v in runs.items() if v]:
+            print(f"{name}: wall " + " ".join(f"{w:.2f}" for w, _ in values) + " s; CPU "
+                  + " ".join(f"{c:.2f}" for _, c in values) + " s")
+        print("| what | dallecli | baseline | ratio |\n|---|---|---|---|")
+        for arm in [k for k in runs if k != "plain" and runs[k]]:
+            for i, what in ((0, "wall"), (1, "CPU time")):
+                ours, base = (statistics.median(v[i] for v in runs[k]) for k in (arm, "plain"))
+                print(row(f"cold generate ({arm}), embedded model, 1 image, {what} (baseline: plain diffusers script)",
+                          ours, base))
+        return
     help_ours, help_base = interleaved(
         lambda: run_process([PYTHON, "-m", "dallecli", "--help"]),
         lambda: run_process([PYTHON, "-c", "pass"]), args.repeats)

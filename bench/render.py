@@ -72,16 +72,39 @@ def generate(s: dict, title: str) -> list[str]:
     return lines + [""]
 
 
+def peak_text(cpu: dict) -> str:
+    """The sentence that derives the peak from the figures ``bench.cpu.peak`` recorded (older results too)."""
+    from bench.cpu import CLOCK_SOURCES, NOTABLE_FLAGS
+
+    lanes = cpu.get("fp32_lanes")
+    simd = cpu.get("simd") or {16: "AVX-512", 8: "AVX2"}.get(lanes, "SSE2")
+    source = cpu.get("clock_source") or ("model name" if cpu.get("clock_ghz") else None)  # older results: the name
+    model = f"{cpu['model']}, " if cpu.get("model") else ""
+    flags = cpu.get("flags")
+    flags_text = ("flags: " + (", ".join(f for f in NOTABLE_FLAGS if f in flags) or "no AVX/FMA/AMX")
+                  + "; ") if flags is not None else ""
+    head = (f"Peak ({model}{flags_text}{cpu['cores']} physical cores): {cpu['cores']} cores × {cpu['fma_units']} "
+            f"FMA units × {lanes} float32 lanes ({simd}) × 2 flops per FMA")
+    if not cpu.get("peak_gflops") or not cpu.get("clock_ghz"):
+        return (head + " × an unknown clock: no model-name clock, cpufreq, \"cpu MHz\" or measurement was available, "
+                "so no peak and no share of it are given.")
+    text = (f"{head} × {cpu['clock_ghz']:g} GHz ({CLOCK_SOURCES.get(source, source)}) = "
+            f"**{cpu['peak_gflops']:.0f} GFLOP/s** float32.")
+    others = {k: v for k, v in (cpu.get("clocks") or {}).items() if k != source}
+    if others:
+        text += " Other clock readings: " + ", ".join(f"{k} {v:g} GHz" for k, v in others.items()) + "."
+    text += f" FMA units: {cpu.get('basis') or 'an assumption (two per core)'}. An upper bound: wide-vector code often runs below the nominal clock."
+    if cpu.get("bf16_basis"):
+        bf16 = cpu.get("bf16_peak_gflops")
+        text += f" bfloat16: {cpu['bf16_basis']}" + (f" ({bf16:.0f} GFLOP/s)." if bf16 else ".")
+    return text
+
+
 def flops(s: dict, results: dict) -> list[str]:
     cpu = s["cpu"]
+    peak = cpu.get("peak_gflops") or None  # None or 0 (older results): no share of peak, never a division by it
     lines = ["## Physical limit", "", _meta(s),
-             f"Peak: {cpu['cores']} physical cores × {cpu['fma_units']} FMA units × {cpu['fp32_lanes']} float32 lanes "
-             f"(AVX-512) × 2 flops per FMA × {cpu['clock_ghz']} GHz (the nominal clock in the CPU's model name) = "
-             f"**{cpu['peak_gflops']:.0f} GFLOP/s** float32. The FMA-unit count is an assumption (Xeon Scalable "
-             "Gold/Platinum cores have two 512-bit FMA ports; a VM does not say which SKU it runs on), and AVX-512 "
-             "code runs below the nominal clock, so this is an upper bound. This CPU has no bfloat16 arithmetic "
-             "(no AVX-512-BF16/AMX): bf16 kernels convert to float32 and FMA there, so the bf16 peak is the same; bf16 wins "
-             "by halving memory traffic. What one large matrix product reaches with every thread: "
+             peak_text(cpu) + " What one large matrix product reaches with every thread: "
              f"float32 {s['gemm_float32_gflops']:.0f} GFLOP/s, bfloat16 {s['gemm_bfloat16_gflops']:.0f} GFLOP/s.", "",
              "| UNet step | FLOPs (`torch.utils.flop_counter`) | arm | seconds per step | achieved | share of peak |",
              "|---|---|---|---|---|---|"]
@@ -94,7 +117,7 @@ def flops(s: dict, results: dict) -> list[str]:
             if r.get("unet_step_s") and "tiny" not in arm:
                 achieved = flop / r["unet_step_s"] / 1e9
                 lines.append(f"| {label} | {flop / 1e12:.2f} TFLOP | {arm} ({r['dtype']}) | {r['unet_step_s']:.2f} s | "
-                             f"{achieved:.0f} GFLOP/s | {achieved / cpu['peak_gflops']:.0%} |")
+                             f"{achieved:.0f} GFLOP/s | {f'{achieved / peak:.0%}' if peak else '–'} |")
     vae, tiny = s.get("vae_decode", {}).get("flops"), s.get("taesd_decode", {}).get("flops")
     if vae and tiny:
         turbo = results["sections"].get("sd-turbo", {}).get("arms", {})

@@ -331,22 +331,11 @@ def section_flops(args) -> dict:
 
 
 def cpu_peak() -> dict:
-    """Theoretical fp32 peak: physical cores x FMA units x SIMD lanes x 2 flops x clock (see the note)."""
-    from dallecli.engine.device import cpu_flags
-    from dallecli.engine.threads import physical_cores
+    """This CPU's float32 peak and what it rests on (``bench.cpu``: cores, SIMD flags, a clock and its source)."""
+    from bench.cpu import measure_clock_ghz, peak, read_cpu
 
-    flags = cpu_flags()
-    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-    clock_ghz = None
-    with open("/proc/cpuinfo", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("model name") and "@" in line and "GHz" in line:
-                clock_ghz = float(line.split("@")[1].strip().split("GHz")[0])
-                break
-    fma_units = 2  # Xeon Scalable (Gold/Platinum) cores have two 512-bit FMA ports; see the note
-    cores = physical_cores()
-    return {"cores": cores, "fma_units": fma_units, "fp32_lanes": lanes, "clock_ghz": clock_ghz,
-            "peak_gflops": cores * fma_units * lanes * 2 * (clock_ghz or 0)}
+    cpu = read_cpu()
+    return peak(cpu, measured_ghz=measure_clock_ghz(cpu))
 
 
 def section_embedded(args) -> dict:

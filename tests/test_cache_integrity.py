@@ -50,3 +50,34 @@ def test_disk_space_refusal_states_the_margin(tmp_path, monkeypatch):
         download.check_disk_space(19_700_000, tmp_path)
     message = str(caught.value)
     assert "needs 19.7 MB and dalle keeps 268.4 MB free beyond it (288.1 MB in all); 31.5 MB is free" in message
+
+
+def test_the_store_never_imports_the_engine(tmp_path):
+    """#18 leftovers item 2: store/ imported engine/ at function level (resolve: single_file.detect and
+    file_digest; cache: loading's config readers), an arrow back up (test_atomic.py checks the imports). What both
+    need is weightfiles' now: an unsupported single file is still refused at resolve, before it is hashed, with
+    the engine never imported."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import save_file
+
+    inpainting = {"model.diffusion_model.input_blocks.0.0.weight": (4, 9, 3, 3),
+                  "first_stage_model.decoder.conv_in.weight": (4, 4, 3, 3),
+                  "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (4, 4)}
+    save_file({k: torch.zeros(s) for k, s in inpainting.items()}, str(tmp_path / "inpainting.safetensors"))
+    code = ("import sys; from dallecli.errors import UnsupportedCheckpointError\n"
+            "from dallecli.store.resolve import resolve_model\n"
+            "from dallecli.store.cache import list_models\n"
+            "list_models()\n"
+            f"try:\n    resolve_model({str(tmp_path / 'inpainting.safetensors')!r})\n"
+            "except UnsupportedCheckpointError as exc:\n    print(exc)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('dallecli.engine')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "DALLE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    refusal, imported = done.stdout.strip().splitlines()
+    assert "inpainting.safetensors is an inpainting or other 9-channel UNet" in refusal
+    assert imported == "[]"
+    assert not (tmp_path / "cache" / "file-hashes").exists()  # refused before the digest

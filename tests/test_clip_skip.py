@@ -50,6 +50,17 @@ def test_clip_skip_must_be_a_whole_number_from_one(value):
     validate_request(GenerationRequest("p", clip_skip=1))
 
 
+def test_the_clip_skip_rule_is_field_problems_worded_by_its_caller():
+    """#18 leftovers: the CLI and the server (serve.checks.check_settings) share field_problem's rule."""
+    from dallecli.engine.request import field_problem
+
+    assert field_problem("clip_skip", 0) == ("--clip-skip must be a whole number >= 1 (1 = no skip, 2 = penultimate "
+                                             "layer; got 0)")
+    assert field_problem("clip_skip", "2", label="Invalid value for 'clip_skip':") == (
+        "Invalid value for 'clip_skip': must be a whole number >= 1 (1 = no skip, 2 = penultimate layer; got '2')")
+    assert field_problem("clip_skip", 1) is None and field_problem("clip_skip", 2) is None
+
+
 def test_cli_usage_errors_are_one_line_with_exit_2(tiny_pipeline, tmp_path):
     for command in (["generate", "a red circle"], ["batch", str(tmp_path / "p.txt")]):
         (tmp_path / "p.txt").write_text("a red circle\n")
@@ -63,18 +74,35 @@ def test_cli_usage_errors_are_one_line_with_exit_2(tiny_pipeline, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_pipeline_without_clip_skip_is_a_usage_error(tiny_pipeline):
+def test_pipeline_without_clip_skip_is_a_usage_error(tiny_pipeline, tmp_path, monkeypatch):
+    """Told from model_index.json's pipeline class, before anything loads."""
+    import shutil
+
+    import dallecli.engine.generate as generate
     from dallecli.engine.generate import Engine
 
-    class NoClipSkip:
-        def __call__(self, prompt, num_inference_steps=1):
-            raise AssertionError("not reached")
-
-    engine = Engine(str(tiny_pipeline), "cpu", "float32")
-    engine._pipe = NoClipSkip()
+    folder = shutil.copytree(tiny_pipeline, tmp_path / "no-clip-skip")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "PixArtSigmaPipeline"}))
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the check"))
+    engine = Engine(str(folder), "cpu", "float32")
     engine.check_clip_skip(1)  # off: nothing to pass
-    with pytest.raises(UsageError, match="NoClipSkip has no clip skip"):
+    with pytest.raises(UsageError, match="PixArtSigmaPipeline has no clip skip"):
         engine.check_clip_skip(2)
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_a_clip_skip_the_model_cannot_apply_exits_2_before_loading(tiny_pipeline, tmp_path, monkeypatch, command):
+    """#18 leftovers item 6: the layer count was checked on the loaded pipeline, so "loading model" came first."""
+    import dallecli.engine.generate as generate
+
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the check"))
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    target = ["a red circle"] if command == "generate" else [str(tmp_path / "p.txt")]
+    result = invoke(command, *target, "--model", str(tiny_pipeline), "--clip-skip", "3", "--steps", "2",
+                    "--out", str(tmp_path / "o"), "--progress", "plain")
+    assert result.exit_code == 2 and "would skip every layer" in result.stderr and "use 1 to 2" in result.stderr
+    assert "loading" not in result.stderr, result.stderr
 
 
 def test_clip_skip_changes_the_image_records_and_replays(tiny_pipeline, tmp_path):

@@ -103,3 +103,74 @@ def test_the_floor_of_a_vae_that_cannot_tile_counts_the_whole_decode():
     tiled = low_memory_floor_bytes(0, "float32", 8192, 8192, 1, True, 0.1)
     whole = low_memory_floor_bytes(0, "float32", 8192, 8192, 1, True, 0.1, tiles=False)
     assert whole > 3 * tiled
+
+
+def _with_prk_warm_up(tiny_pipeline, folder):
+    """The tiny pipeline with PNDM's Runge-Kutta warm-up as its own scheduler: fewer than 4 steps cannot run."""
+    shutil.copytree(tiny_pipeline, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "PNDMScheduler",
+                                "skip_prk_steps": False}))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_steps_the_models_own_scheduler_cannot_plan_exit_2_before_loading(tiny_pipeline, tmp_path, no_loading,
+                                                                            command):
+    """#18 leftovers item 6: --steps against the model's own scheduler was checked after the model loaded, so a
+    "loading model" line came before the usage error (and dalle batch recorded every row as failed, exit 1)."""
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+
+    model = _with_prk_warm_up(tiny_pipeline, tmp_path / "prk")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    target = ["a cat"] if command == "generate" else [str(prompts)]
+    result = CliRunner().invoke(app, [command, *target, "--model", str(model), "--steps", "2", "--width", "32",
+                                      "--height", "32", "--out", str(tmp_path / "out"), "--progress", "plain"])
+    assert result.exit_code == 2, result.output
+    assert "--steps 2 does not fit the PNDMScheduler scheduler (it needs at least 4)" in result.stderr
+    assert "loading" not in result.stderr and "Traceback" not in result.stderr
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+# a check dalle batch makes before the model loads: (a row added to the prompt file, options, the message)
+BATCH_USAGE_ERRORS = {
+    "init image": ('{"prompt": "a cat", "image": "notes.txt"}\n', [], "line 2: image"),
+    "scheduler": ("", ["--steps", "2"], "--steps 2 does not fit the PNDMScheduler scheduler"),
+}
+
+
+@pytest.mark.parametrize("problem", BATCH_USAGE_ERRORS)
+def test_a_batch_usage_error_writes_nothing_into_a_new_or_resumed_folder(tiny_pipeline, tmp_path, problem):
+    """#18 leftovers: BatchRun.start wrote the manifest header (creating the folder) before its size, task and
+    scheduler checks, so a batch that exited 2 left a manifest.jsonl (and a copy of prompts read from stdin)
+    behind. A new folder is not created; a resumed folder keeps its files as they were, the manifest
+    byte-identical."""
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+
+    row, options, message = BATCH_USAGE_ERRORS[problem]
+    model = _with_prk_warm_up(tiny_pipeline, tmp_path / "prk")
+    (tmp_path / "notes.txt").write_text("not an image")
+    prompts = '{"prompt": "a cat"}\n'
+
+    def batch(out, *extra):  # from stdin: a run keeps a copy of the prompts beside its manifest
+        return CliRunner().invoke(app, ["batch", "-", "--input-format", "jsonl", "--model", str(model), "--width",
+                                        "32", "--height", "32", "--seed", "5", "--steps", "4", "--progress", "plain",
+                                        "--out", str(out), *extra], input=prompts)
+
+    resumed = tmp_path / "resumed"
+    assert batch(resumed).exit_code == 0
+    before = {path.name: path.read_bytes() for path in resumed.iterdir()}
+    prompts += row
+    for out in (tmp_path / "new" / "out", resumed):
+        result = batch(out, *options)
+        assert result.exit_code == 2, result.output
+        assert message in result.stderr and "loading" not in result.stderr
+    assert not (tmp_path / "new").exists()
+    assert {path.name: path.read_bytes() for path in resumed.iterdir()} == before

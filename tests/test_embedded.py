@@ -146,3 +146,37 @@ def test_a_size_far_from_the_models_own_gets_one_warning(tmp_path):
         assert near == [], (width, height)
     _, tall = engine.prompt_warnings(GenerationRequest("a red circle", width=64, height=128))
     assert len(tall) == 1
+
+
+def test_the_shipped_text_encoders_are_in_the_hub_key_layout_every_transformers_loads():
+    """transformers 5 saves a CLIPTextModel without the `text_model.` prefix, which transformers 4.x and early 5.x
+    read as missing weights (a random text encoder, only a warning); the shipped ones use the Hub layout."""
+    from safetensors import safe_open
+
+    from dallecli.store.resolve import embedded_model_path
+
+    for folder in [embedded_model_path() / "text_encoder"]:
+        with safe_open(folder / "model.safetensors", "pt") as handle:
+            keys = list(handle.keys())
+        assert keys and all(key.startswith("text_model.") for key in keys), folder
+
+
+def test_write_hub_layout_rewrites_a_fresh_text_encoder_that_loads_to_the_same_outputs(tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dallecli.training.clip_layout import write_hub_layout
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=100, bos_token_id=0, eos_token_id=1))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    assert write_hub_layout(tmp_path) is True
+    with safe_open(tmp_path / "model.safetensors", "pt") as handle:
+        assert all(key.startswith("text_model.") for key in handle.keys()) and handle.metadata() == {"format": "pt"}
+    assert write_hub_layout(tmp_path) is False  # already in the layout: left alone
+    ids = torch.tensor([[0, 5, 9, 1]])
+    with torch.no_grad():
+        loaded = CLIPTextModel.from_pretrained(tmp_path, use_safetensors=True).eval()(ids).last_hidden_state
+        assert torch.equal(loaded, model.eval()(ids).last_hidden_state)

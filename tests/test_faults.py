@@ -106,7 +106,7 @@ def test_disk_full_while_saving_a_lora_leaves_no_file(tmp_path, monkeypatch):
     import safetensors.torch
     import torch
 
-    from dallecli.training.finetune import _atomic_save_safetensors
+    from dallecli.training.finetune_export import save_safetensors_atomically
 
     def partial_save(tensors, path, *args, **kwargs):
         Path(path).write_bytes(b"half a file")
@@ -115,7 +115,7 @@ def test_disk_full_while_saving_a_lora_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", partial_save)
     target = tmp_path / "lora" / "lora.safetensors"
     with pytest.raises(DiskFullError, match="disk is full"):
-        _atomic_save_safetensors({"w": torch.ones(2)}, target, {})
+        save_safetensors_atomically({"w": torch.ones(2)}, target, {})
     assert list(target.parent.iterdir()) == []
 
 

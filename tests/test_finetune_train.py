@@ -259,12 +259,13 @@ def test_lora_header_metadata_is_strings_and_is_built_before_training():
     import inspect
 
     from dallecli.training import finetune
+    from dallecli.training.finetune_export import header_metadata
 
-    header = finetune.header_metadata(rank=4, alpha=4.0, learning_rate=1e-4, flag=True, revision=None, name="x")
+    header = header_metadata(rank=4, alpha=4.0, learning_rate=1e-4, flag=True, revision=None, name="x")
     assert header == {"rank": "4", "alpha": "4", "learning_rate": "0.0001", "flag": "true", "revision": "",
                       "name": "x"}
     with pytest.raises(TypeError, match="'bad' must be a string or a number, not list"):
-        finetune.header_metadata(bad=[1])
+        header_metadata(bad=[1])
     source = inspect.getsource(finetune)
     assert source.index("metadata = header_metadata(") < source.index("result = trainer.run(")
 

@@ -252,6 +252,30 @@ def test_out_of_memory_has_its_own_exit_code_and_says_what_to_lower_case_c12(tin
     assert "--batch-size" in message and "-n" in message and "size" in message
 
 
+@pytest.mark.parametrize("raised", ["cuda", "mps"])
+def test_out_of_memory_while_the_model_moves_to_the_device_maps_as_generate_does(tiny_pipeline, monkeypatch, raised):
+    """#18 leftovers: loading used its own mapping, which knew only torch.OutOfMemoryError (CUDA's); it now uses
+    engine/failures.py's, so MPS's "MPS backend out of memory" RuntimeError is exit 3 too, with loading's message."""
+    import diffusers
+    import torch
+
+    from dallecli.engine.loading import clear_cache, load_pipeline
+    from dallecli.errors import OutOfMemoryError
+
+    def exhausted(self, *args, **kwargs):
+        if raised == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 GB)")
+
+    clear_cache()  # a pipeline cached by an earlier test would not be moved again
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "to", exhausted)
+    with pytest.raises(OutOfMemoryError) as info:
+        load_pipeline(tiny_pipeline, "cpu", "float32")
+    assert info.value.exit_code == 3
+    assert str(info.value) == "the model does not fit in cpu memory; try --low-memory or a smaller model"
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
 def test_karras_spacing_is_refused_on_a_zero_terminal_snr_schedule():
     from dallecli.store.resolve import embedded_model_path
     import json

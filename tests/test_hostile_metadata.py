@@ -94,3 +94,21 @@ def test_an_a1111_image_names_its_checkpoint_and_unknown_names_list_the_registry
                    "Size: 512x512, Model: dreamshaper_8")
     result = run_dalle("generate", "--from", str(unknown))
     assert result.returncode == 2 and "sd-turbo" in result.stderr and "shapes" in result.stderr, result.stderr
+
+
+def test_a1111_parameters_written_are_read_back_field_by_field():
+    """#18 leftovers item 5: the writer and the reader of the A1111 ``parameters`` text share one table of fields
+    (images.A1111_FIELDS); every field written, optional ones included, reads back to the same setting."""
+    from dallecli.images import A1111_FIELDS, a1111_parameters, parse_a1111
+
+    settings = {"prompt": "a red circle,\nby the sea", "negative_prompt": "blurry, dark", "steps": 30,
+                "guidance_scale": 7.5, "seed": 4242, "width": 640, "height": 384, "model": "sd-1.5",
+                "clip_skip": 2, "strength": 0.6}
+    text = a1111_parameters(settings, "DPM++ 2M Karras")
+    labels = [part.split(":")[0] for part in text.splitlines()[-1].split(", ")]
+    assert labels == [label for label, _, _ in A1111_FIELDS]
+    read = parse_a1111(text)
+    assert read == {**settings, "sampler": "DPM++ 2M Karras"}
+    plain = a1111_parameters({**settings, "negative_prompt": None, "clip_skip": 1, "strength": None}, "Euler")
+    assert "Negative prompt" not in plain and "Clip skip" not in plain and "Denoising strength" not in plain
+    assert parse_a1111(plain)["negative_prompt"] is None and "clip_skip" not in parse_a1111(plain)

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dallecli.engine.generate import Engine
-from dallecli.engine.request import GenerationRequest, effective_steps, smallest_steps
+from dallecli.engine.request import GenerationRequest, denoising_problem, effective_steps, smallest_steps
 from dallecli.errors import UsageError
 from dallecli.training import shapes
 
@@ -80,6 +80,19 @@ def test_low_strength_stays_close_to_the_input_and_runs_int_steps_x_strength(emb
 def test_smallest_steps(strength, fewest):
     assert smallest_steps(strength) == fewest
     assert int(fewest * strength) >= 1 and int((fewest - 1) * strength) < 1
+
+
+def test_one_denoising_rule_worded_by_its_caller():
+    """#18 leftovers: the CLI (validate_request) and the server (serve.checks.check_denoising) share one rule;
+    only the names differ: the CLI's flags by default, the API's quoted fields."""
+    assert denoising_problem(12, 0.05) == ("--strength 0.05 with 12 steps runs no denoising step (int(12 x 0.05) = 0); "
+                                           "use --steps 20 or more, or a higher --strength")
+    assert denoising_problem(2, 0.0001).endswith("; use a higher --strength")  # 10000 steps: over MAX_STEPS
+    api = {"steps_name": "'steps'", "strength_name": "'denoising_strength'", "counted": "'steps'", "verb": "send"}
+    assert denoising_problem(3, 0.01, **api) == (
+        "'denoising_strength' 0.01 with 3 'steps' runs no denoising step (int(3 x 0.01) = 0); send 'steps' 100 or "
+        "more, or a higher 'denoising_strength'")
+    assert denoising_problem(20, 0.05) is None and denoising_problem(1, 1.0, **api) is None
 
 
 def test_strength_times_steps_below_one_exits_2_before_the_model_loads(drawn, no_model_load):
@@ -270,3 +283,30 @@ def test_batch_rows_with_image_and_strength_columns(drawn, tmp_path):
     (folder / "bad.jsonl").write_text(json.dumps({"prompt": "a red circle", "image": "inputs/nope.png"}) + "\n")
     bad = dalle("batch", str(folder / "bad.jsonl"), "--dry-run")
     assert bad.exit_code == 2 and "line 1: image inputs/nope.png does not exist" in bad.output
+
+
+def test_an_input_file_is_read_once_for_its_pixels_and_its_digest(tmp_path, monkeypatch):
+    """#18 leftovers item 4: the image was decoded from one read and hashed from a second, so a file replaced
+    in between recorded a SHA-256 of other bytes than the pixels used (and every input was read twice)."""
+    import builtins
+    import hashlib
+
+    from PIL import Image
+
+    from dallecli.engine.inputs import load_init_image, load_mask
+
+    path = tmp_path / "in.png"
+    Image.new("RGB", (16, 8), "red").save(path)
+    opened = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(path):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    image = load_init_image(path)
+    assert len(opened) == 1 and image.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    mask = load_mask(path, (16, 8))
+    assert len(opened) == 2 and mask.sha256 == image.sha256 and mask.path == path.resolve()

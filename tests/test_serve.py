@@ -403,6 +403,68 @@ def test_edit_and_variation_errors_are_openai_errors_and_write_nothing(server, t
     assert listing(server.out) == before
 
 
+def test_api_errors_name_the_request_field_never_the_cli_flag(server, tmp_path):
+    """The engine's range checks (one rule for every command) in the API's words: "Invalid value for 'steps'",
+    A1111's 'cfg_scale' and 'denoising_strength', never "--steps"; the CLI keeps its flags."""
+    from dallecli.engine.request import field_problem
+
+    circle, _, _ = edit_inputs(tmp_path)
+    image = ("image", circle.read_bytes())
+    before = listing(server.out)
+
+    def json_error(path: str, **body) -> dict:
+        answer = httpx.post(f"{server.url}{path}", json=body, timeout=300)
+        assert answer.status_code == 400, answer.text
+        return answer.json()["error"]
+
+    def form_error(path: str, **data) -> dict:
+        answer = httpx.post(f"{server.url}{path}", files={"image": image}, data=data, timeout=300)
+        assert answer.status_code == 400, answer.text
+        return answer.json()["error"]
+
+    generations, init = "/v1/images/generations", base64.b64encode(circle.read_bytes()).decode()
+    cases = [
+        (json_error(generations, prompt="x", steps=0), "steps",
+         "Invalid value for 'steps': must be between 1 and 1000, the diffusion's training timesteps (got 0)"),
+        (json_error(generations, prompt="x", guidance_scale=1000), "guidance_scale",
+         "Invalid value for 'guidance_scale': must be between 0 and 100 (got 1000.0)"),
+        (json_error(generations, prompt="x", seed=-5), "seed",
+         "Invalid value for 'seed': must be between 0 and 4294967295, or -1 for a random seed (got -5)"),
+        (json_error(generations, prompt="x", clip_skip=0), "clip_skip",
+         "Invalid value for 'clip_skip': must be a whole number >= 1 (1 = no skip, 2 = penultimate layer; got 0)"),
+        (json_error(generations, prompt="x", size="65x64"), "size",
+         "Invalid value for 'size': 65 is not a multiple of 8; the nearest valid sizes are 64 and 72"),
+        (json_error(generations, prompt="x", size="4096x4096"), "size",
+         "Invalid value for 'size': 4096 is out of range (8-2048 pixels on this server)"),
+        (json_error(generations, prompt="x", width=60), "width",
+         "Invalid value for 'width': 60 is not a multiple of 8; the nearest valid sizes are 56 and 64"),
+        (json_error(generations, prompt="x", n=11), "n", "Invalid value for 'n': 11; it must be between 1 and 10"),
+        (form_error("/v1/images/edits", prompt="x", strength="1.5"), "strength",
+         "Invalid value for 'strength': must be above 0 and at most 1 (got 1.5)"),
+        (form_error("/v1/images/edits", prompt="x", strength="0.05", steps="4"), "strength",
+         "'strength' 0.05 with 4 'steps' runs no denoising step (int(4 x 0.05) = 0); send 'steps' 20 or more, or a "
+         "higher 'strength'"),
+        (form_error("/v1/images/variations", steps="1"), "steps",  # the default strength, 0.6
+         "'strength' 0.6 with 1 'steps' runs no denoising step (int(1 x 0.6) = 0); send 'steps' 2 or more, or a "
+         "higher 'strength'"),
+        (json_error("/sdapi/v1/txt2img", prompt="x", steps=2000), "steps",
+         "Invalid value for 'steps': must be between 1 and 1000, the diffusion's training timesteps (got 2000)"),
+        (json_error("/sdapi/v1/txt2img", prompt="x", cfg_scale=-1), "cfg_scale",
+         "Invalid value for 'cfg_scale': must be between 0 and 100 (got -1.0)"),
+        (json_error("/sdapi/v1/img2img", prompt="x", init_images=[init], denoising_strength=0), "denoising_strength",
+         "Invalid value for 'denoising_strength': must be above 0 and at most 1 (got 0.0)"),
+        (json_error("/sdapi/v1/img2img", prompt="x", init_images=[init], denoising_strength=0.01, steps=3),
+         "denoising_strength", "'denoising_strength' 0.01 with 3 'steps' runs no denoising step (int(3 x 0.01) = 0); "
+         "send 'steps' 100 or more, or a higher 'denoising_strength'"),
+    ]
+    for error, param, message in cases:
+        assert (error["param"], error["message"]) == (param, message), error
+        assert "--" not in error["message"], error
+    assert listing(server.out) == before
+    # the CLI's wording stays the CLI's
+    assert field_problem("steps", 0).startswith("--steps must be between 1 and 1000")
+
+
 def test_a1111_img2img_with_and_without_a_mask(server, tmp_path):
     circle, _, _ = edit_inputs(tmp_path)
     white = np.zeros((64, 64), dtype=np.uint8)

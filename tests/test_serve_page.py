@@ -229,8 +229,45 @@ def test_settings_from_an_image_are_shown_as_text_never_as_markup(server, page):
     assert page.evaluate("window.pwned") is None
 
 
+def test_before_a_key_is_typed_the_page_asks_for_one_and_shows_a_refusal_only_for_a_typed_key(server, page):
+    """A server with a key refuses the page's first calls (no key yet): the page asks for the key in a neutral
+    line, not the server's 401 text; a typed key that is refused shows the server's message. The key check is
+    the server's own (`auth.key_error`), put in front of the module's server by routing its API calls."""
+    from dallecli.serve.auth import key_error
+
+    key = "the-right-key"
+
+    def keyed(route):
+        sent = route.request.headers.get("authorization")
+        if sent == f"Bearer {key}":
+            route.continue_()
+        else:
+            route.fulfill(status=401, json=key_error(sent).body())
+
+    page.route(lambda url: "/v1/" in urllib.parse.urlparse(url).path, keyed)
+    page.goto(server.url + "/")
+    error = page.locator("#error")
+    sync_api.expect(error).to_have_text("This server asks for an API key: enter it above.")
+    sync_api.expect(error).to_have_class("notice")  # shown in the muted colour, not the error's
+
+    page.get_by_label("Prompt", exact=True).fill(PROMPT)
+    page.get_by_role("button", name="Generate").click()  # refused for want of a key: still the prompt
+    sync_api.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+    sync_api.expect(error).to_have_text("This server asks for an API key: enter it above.")
+
+    page.get_by_label("API key").fill("a-wrong-key")
+    page.get_by_label("API key").press("Tab")  # a change event: models and gallery reloaded with the key
+    sync_api.expect(error).to_have_text(key_error("Bearer a-wrong-key").message)
+    sync_api.expect(error).not_to_have_class("notice")
+
+    page.get_by_label("API key").fill(key)
+    page.get_by_label("API key").press("Tab")
+    sync_api.expect(error).to_have_text("")
+    sync_api.expect(page.locator("#model option")).to_have_text(["server default", "shapes"])  # models listed
+
+
 @pytest.mark.slow
-def test_api_key_the_page_shows_the_401_then_works_with_the_key(tmp_path, browser):
+def test_api_key_the_page_asks_for_the_key_refuses_a_wrong_one_then_works_with_it(tmp_path, browser):
     key = "page-test-key"
     server = ServeProcess.start(tmp_path, "--api-key", key)
     context = browser.new_context()
@@ -239,12 +276,20 @@ def test_api_key_the_page_shows_the_401_then_works_with_the_key(tmp_path, browse
         page.goto(server.url + "/")
         status, expected = _http("GET", server.url + "/v1/models")
         assert status == 401, expected
-        sync_api.expect(page.locator("#error")).to_have_text(expected["error"]["message"])
+        # no key typed yet: the page asks for one instead of showing the 401's text
+        sync_api.expect(page.locator("#error")).to_have_text("This server asks for an API key: enter it above.")
 
         page.get_by_label("Prompt", exact=True).fill(PROMPT)
         page.get_by_role("button", name="Generate").click()
-        sync_api.expect(page.locator("#error")).to_have_text(expected["error"]["message"])
+        sync_api.expect(page.get_by_role("button", name="Generate")).to_be_enabled()
+        sync_api.expect(page.locator("#error")).to_have_text("This server asks for an API key: enter it above.")
         assert not server.out.exists() or not any(server.out.rglob("*.png"))
+
+        page.get_by_label("API key").fill("not-" + key)  # a wrong key: now the server's refusal shows
+        page.get_by_label("API key").press("Tab")
+        status, refused = _http("GET", server.url + "/v1/models", key="not-" + key)
+        assert status == 401, refused
+        sync_api.expect(page.locator("#error")).to_have_text(refused["error"]["message"])
 
         page.get_by_label("API key").fill(key)
         page.get_by_label("API key").press("Tab")  # a change event: stored, models and gallery reloaded

@@ -88,6 +88,41 @@ def test_openai_names_mean_the_default_and_paths_are_refused():
         pool.engine_for("missing-model")  # no --allow-download: never a download
 
 
+def test_the_default_model_is_the_one_serve_chose_and_is_not_read_again(monkeypatch, tmp_path):
+    """`dalle serve` picks the default model as every command does (--model, else DALLE_MODEL or the config
+    file); the pool takes it as given, so None is the embedded model, never the environment read a second time."""
+    from typer.testing import CliRunner
+
+    import dallecli.serve.run as run
+    from dallecli.cli.app import app
+
+    monkeypatch.setenv("DALLE_MODEL", "from-the-environment")
+    names: list = []
+
+    def factory(name, device, dtype, cache_dir):
+        names.append(name)
+        return FakeEngine(name or "embedded")
+
+    pool = EnginePool(ServeConfig(), engine_factory=factory)
+    assert pool.default_model is None
+    assert pool.engine_for("dall-e-3").model.name == "embedded" and names == [None]
+
+    class Started(Exception):
+        pass
+
+    chosen: list[ServeConfig] = []
+
+    def serve_forever(config):  # stands in for the server (the real one ends the process when it stops)
+        chosen.append(config)
+        raise Started
+
+    monkeypatch.setattr(run, "serve_forever", serve_forever)
+    CliRunner().invoke(app, ["serve", "--out", str(tmp_path / "out")])
+    assert [config.model for config in chosen] == ["from-the-environment"]
+    CliRunner().invoke(app, ["serve", "--out", str(tmp_path / "out"), "--model", "given"])
+    assert [config.model for config in chosen] == ["from-the-environment", "given"]
+
+
 def test_least_recently_used_model_is_unloaded_under_the_budget_and_idle_ones_after_keep_alive():
     pool, _ = make_pool(memory_budget=250, keep_alive=10.0)
     a, b, c = pool.engine_for("a"), pool.engine_for("b"), pool.engine_for("c")

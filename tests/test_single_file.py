@@ -321,7 +321,7 @@ def test_unknown_layout_one_line(tmp_path, keys, phrase):
 
 def test_finetune_refuses_a_single_file_in_one_line(families, tmp_path):
     from dallecli.errors import UsageError
-    from dallecli.training.finetune import load_components
+    from dallecli.training.finetune_model import load_components
 
     with pytest.raises(UsageError, match="single-file checkpoint"):
         load_components(str(families["sd1"][1]))

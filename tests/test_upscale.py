@@ -121,6 +121,8 @@ def test_upscale_cli_sizes_metadata_and_refusals(machine):
     assert settings["prompt"] == "a red circle" and settings["prompt_source"] == "image metadata"
     assert settings["steps"] == 2 and settings["seed"] == 7 and settings["noise_level"] == 20
     assert settings["guidance_scale"] == 9.0 and len(settings["model_revision"]) == 40
+    # the scheduler as generate records it (#18 leftovers item 3): our short name, else the class name
+    assert settings["scheduler"] == "ddim" and "Sampler: DDIM," in Image.open(paths[0]).text["parameters"]
     assert settings["input"]["path"] == str(small.resolve()) and settings["input"]["width"] == 40
     import hashlib
 
@@ -133,6 +135,7 @@ def test_upscale_cli_sizes_metadata_and_refusals(machine):
     x2_settings = read_metadata(paths[2])
     assert x2_settings["model"] == "sd-x2-latent-upscaler" and x2_settings["noise_level"] is None
     assert x2_settings["prompt"] == "a disc" and x2_settings["guidance_scale"] == 0.0
+    assert x2_settings["scheduler"] == "euler"
     expected = {3: "--scale 3", 4: "cannot do upscale", 5: "sd-1.5 is a text-to-image model: use `dalle generate`",
                 6: "--noise-level", 7: "--tile 12", 8: "sd-x4-upscaler is an upscaler: use `dalle upscale`",
                 9: "does not exist"}
@@ -193,6 +196,37 @@ def test_x2_input_larger_than_the_tile(machine, one_thread):
     assert np.array_equal(np.asarray(covering), np.asarray(whole))
 
 
+@pytest.mark.parametrize("raised", ["cuda", "cpu", "nan"])
+def test_out_of_memory_and_nan_map_as_generate_maps_them(machine, one_thread, monkeypatch, raised):
+    """#18 leftovers item 3: one mapping with generate (engine/failures.py). The CPU allocator's "can't allocate
+    memory" RuntimeError escaped as an unexpected error (exit 1 with a traceback hint) instead of exit 3."""
+    import torch
+
+    from dallecli.engine.upscale import UpscaleRequest, Upscaler
+    from dallecli.errors import NonFiniteOutputError, OutOfMemoryError
+
+    image = Image.open(_picture(machine["root"] / "oom.png", (32, 32))).convert("RGB")
+    upscaler = Upscaler(None, 4, "cpu", "bfloat16", cache_dir=machine["cache"])
+    plan = upscaler.plan(UpscaleRequest(Path("oom.png"), 4, steps=1, seed=1, tile=16, overlap=8), image.size)
+
+    def fails(*_args, **_kwargs):
+        if raised == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if raised == "cpu":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8796093022208 bytes")
+        return type("Output", (), {"images": [np.full((64, 64, 3), np.nan, np.float32)]})()
+
+    monkeypatch.setattr(type(upscaler.pipe), "__call__", fails)
+    expected = NonFiniteOutputError if raised == "nan" else OutOfMemoryError
+    with pytest.raises(expected) as info:
+        upscaler.upscale(image, plan, "")
+    if raised == "nan":
+        assert str(info.value).startswith("tile 1 of 9 contains NaN/Inf values (in bfloat16")
+        assert "Use --dtype float32" in str(info.value)
+    else:
+        assert info.value.exit_code == 3 and "16x16 tile does not fit in cpu memory; give a smaller --tile" in str(info.value)
+
+
 def test_not_downloaded_and_wrong_models_fail_before_loading(tmp_path):
     from dallecli.engine.upscale import Upscaler
 
@@ -241,8 +275,12 @@ def test_settings_that_need_no_model_are_refused_before_the_download_is_looked_f
 
     Image.new("RGB", (32, 32), "red").save(tmp_path / "in.png")
     for option, value, said in (("--noise-level", "999", "--noise-level 999: give 0 to 350"),
-                                ("--steps", "0", "--steps 0: give at least 1"),
-                                ("--tile", "-8", "--tile -8: give 0 or more pixels")):
+                                ("--steps", "0", "--steps must be between 1 and 1000"),
+                                ("--tile", "-8", "--tile -8: give 0 or more pixels"),
+                                # the rules of every request (field_problem), which upscale lacked (#18 leftovers)
+                                ("--steps", "5000", "--steps must be between 1 and 1000"),
+                                ("--guidance", "1e6", "--guidance must be between 0 and 100"),
+                                ("--prompt", "a red\x07 circle", "--prompt contains the control character U+0007")):
         result = run_dalle("upscale", str(tmp_path / "in.png"), option, value, "--cache-dir", str(tmp_path / "empty"))
         assert result.returncode == 2 and said in result.stderr, result.stderr
         assert "not downloaded" not in result.stderr

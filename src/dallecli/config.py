@@ -80,6 +80,14 @@ def config_dir() -> Path:
     return Path(user_config_dir("dallecli"))
 
 
+def cache_dir() -> Path:
+    """dalle's own cache folder (single-file model configs, checkpoint digests): ``DALLE_CACHE``, else the
+    per-user cache folder (platformdirs)."""
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("DALLE_CACHE") or user_cache_dir("dallecli"))
+
+
 def config_path() -> Path:
     """The config file: ``DALLE_CONFIG``, else ``config.toml`` in :func:`config_dir` (it may not exist)."""
     return Path(os.environ.get("DALLE_CONFIG") or config_dir() / CONFIG_NAME).expanduser()

@@ -37,6 +37,10 @@ class ModelNotFoundError(DalleError):
     """A model name or path that resolves to nothing loadable."""
 
 
+class UnsupportedCheckpointError(ModelNotFoundError):
+    """A single-file safetensors checkpoint whose layout dalle does not load (the message names what it holds)."""
+
+
 class UnsafeWeightsError(DalleError):
     """A model or LoRA whose weights are pickles (``.bin``, ``.ckpt``, ``.pt``) or not safetensors by content."""
 

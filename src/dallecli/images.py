@@ -109,7 +109,7 @@ def check_metadata_room(fmt: OutputFormat, prompt: str | None, negative_prompt: 
     if fmt.name != "jpeg":
         return
     texts = {"prompt": prompt or "", "negative_prompt": negative_prompt}
-    need = max(len(_xmp_packet(texts)), len(user_comment(f"{prompt or ''}\nNegative prompt: {negative_prompt or ''}")))
+    need = max(len(_xmp_packet(texts)), len(user_comment(f"{prompt or ''}\n{A1111_NEGATIVE} {negative_prompt or ''}")))
     if need + METADATA_MARGIN > JPEG_SEGMENT:
         raise UsageError(f"{what} is too long for a JPEG's metadata ({need:,} bytes; a JPEG metadata segment holds "
                          f"{JPEG_SEGMENT - METADATA_MARGIN:,} for the prompts); choose --format png or webp")
@@ -190,19 +190,32 @@ def image_name(index: int, seed: int, prompt: str, suffix: str = ".png", copy: i
     return head + slugify(prompt, max_bytes=min(60, room)) + suffix
 
 
+# AUTOMATIC1111's ``parameters`` text: the prompt, then ``Negative prompt: ...``, then one line of ``Label: value``
+# fields. One table for the writer (:func:`a1111_parameters`, in this order) and the reader (:func:`parse_a1111`):
+# label, our settings key, the value's type. "Sampler" is the A1111 name given to the writer; "Size" is
+# ``WIDTHxHEIGHT``; the optional ones are left out when they do not apply.
+A1111_NEGATIVE = "Negative prompt:"
+A1111_FIELDS: tuple[tuple[str, str, type], ...] = (
+    ("Steps", "steps", int), ("Sampler", "sampler", str), ("CFG scale", "guidance_scale", float),
+    ("Seed", "seed", int), ("Size", "size", str), ("Model", "model", str), ("Clip skip", "clip_skip", int),
+    ("Denoising strength", "strength", float),
+)
+_A1111_OPTIONAL = {"clip_skip": lambda v: v is not None and v > 1,  # A1111's 1 skips nothing: not written
+                   "strength": lambda v: v is not None}  # an img2img or inpainting image, as A1111 writes it
+
+
 def a1111_parameters(settings: dict, sampler: str) -> str:
-    """The AUTOMATIC1111 ``parameters`` text for a settings dict."""
+    """The AUTOMATIC1111 ``parameters`` text for a settings dict (the fields of :data:`A1111_FIELDS`)."""
     lines = [settings["prompt"]]
     if settings.get("negative_prompt"):
-        lines.append(f"Negative prompt: {settings['negative_prompt']}")
-    fields = [
-        f"Steps: {settings['steps']}", f"Sampler: {sampler}", f"CFG scale: {settings['guidance_scale']:g}",
-        f"Seed: {settings['seed']}", f"Size: {settings['width']}x{settings['height']}", f"Model: {settings['model']}",
-    ]
-    if settings.get("clip_skip") and settings["clip_skip"] > 1:
-        fields.append(f"Clip skip: {settings['clip_skip']}")
-    if settings.get("strength") is not None:  # an img2img or inpainting image, as A1111 writes it
-        fields.append(f"Denoising strength: {settings['strength']:g}")
+        lines.append(f"{A1111_NEGATIVE} {settings['negative_prompt']}")
+    values = {**settings, "sampler": sampler, "size": f"{settings['width']}x{settings['height']}"}
+    fields = []
+    for label, key, kind in A1111_FIELDS:
+        value = values.get(key)
+        if key in _A1111_OPTIONAL and not _A1111_OPTIONAL[key](value):
+            continue
+        fields.append(f"{label}: {value:g}" if kind is float else f"{label}: {value}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -410,33 +423,35 @@ def _place(fill, folder: Path, settings: dict, index: int | None, keep_index: bo
 
 
 def parse_a1111(text: str) -> dict:
-    """Parse an AUTOMATIC1111 ``parameters`` chunk into our settings keys (what it holds of them)."""
+    """Parse an AUTOMATIC1111 ``parameters`` chunk into our settings keys (what it holds of
+    :data:`A1111_FIELDS`; "Size" as ``width`` and ``height``); a value of the wrong type is left out."""
     lines = text.strip().split("\n")
-    fields_line = lines[-1] if len(lines) > 1 and "Steps:" in lines[-1] else ""
+    first_label = A1111_FIELDS[0][0] + ":"
+    fields_line = lines[-1] if len(lines) > 1 and first_label in lines[-1] else ""
     body = lines[:-1] if fields_line else lines
     prompt_lines, negative = [], None
     for line in body:
-        if line.startswith("Negative prompt:"):
-            negative = line[len("Negative prompt:"):].strip()
+        if line.startswith(A1111_NEGATIVE):
+            negative = line[len(A1111_NEGATIVE):].strip()
         elif negative is None:
             prompt_lines.append(line)
         else:
             negative += "\n" + line
     result: dict = {"prompt": "\n".join(prompt_lines).strip(), "negative_prompt": negative}
     fields = dict(re.findall(r"\s*([\w ]+):\s*([^,]+)", fields_line))
-    converters = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-                  "Sampler": ("sampler", str), "Model": ("model", str), "Clip skip": ("clip_skip", int),
-                  "Denoising strength": ("strength", float)}
-    for key, (name, convert) in converters.items():
-        if key in fields:
-            try:
-                result[name] = convert(fields[key].strip())
-            except ValueError:
-                pass
-    if "Size" in fields and "x" in fields["Size"]:
-        width, _, height = fields["Size"].strip().partition("x")
-        if width.isdigit() and height.isdigit():
-            result["width"], result["height"] = int(width), int(height)
+    for label, key, kind in A1111_FIELDS:
+        if label not in fields:
+            continue
+        value = fields[label].strip()
+        if key == "size":
+            width, _, height = value.partition("x")
+            if width.isdigit() and height.isdigit():
+                result["width"], result["height"] = int(width), int(height)
+            continue
+        try:
+            result[key] = kind(value)
+        except ValueError:
+            pass
     return result
 
 

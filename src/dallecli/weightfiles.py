@@ -1,6 +1,9 @@
-"""Weight files judged by their content, never by their name: refuse anything but safetensors, read headers.
+"""Weight files judged by their content, never by their name: refuse anything but safetensors, read headers,
+tell a single-file checkpoint's family, digest a file; and what a model folder's configs say of it (pipeline
+class, trained size).
 
-A leaf module (it imports only :mod:`dallecli.errors`), so the engine, the store and training all use it.
+A leaf module (it imports only :mod:`dallecli.errors`, and :mod:`dallecli.atomic` and :mod:`dallecli.config`
+to remember digests), so the engine, the store and training all use it, and the store never imports the engine.
 
 A ``.safetensors`` file starts with an 8-byte little-endian header length N, then N bytes of JSON that give
 each tensor's byte range; the file must be exactly ``8 + N + max(end offset)`` bytes long. Pickles (the
@@ -14,12 +17,21 @@ import json
 import struct
 from pathlib import Path
 
-from dallecli.errors import CorruptWeightsError, UnsafeWeightsError
+from dallecli.errors import CorruptWeightsError, UnsafeWeightsError, UnsupportedCheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = (".safetensors",) + PICKLE_SUFFIXES
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
 LFS_POINTER_PREFIX = b"version https://git-lfs"
+
+# single-file checkpoints (the AUTOMATIC1111/Civitai layout): key prefixes of the original LDM names
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+SD1_CLIP = "cond_stage_model.transformer.text_model."
+SD2_OPENCLIP = "cond_stage_model.model."
+SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP = "conditioner.embedders.1.model."
+SUPPORTED = "SD 1.x, SD 2.x and SDXL base single files"
 
 
 def _inspect(path: Path) -> tuple[str, dict | None]:
@@ -171,3 +183,137 @@ def verify_folder(folder: Path) -> list[Path]:
     for path in checked:
         verify_safetensors(path)
     return checked
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of a complete safetensors file, from its header alone.
+
+    Raises:
+        UnsafeWeightsError, CorruptWeightsError: as :func:`verify_safetensors`.
+        OSError: the file cannot be read.
+    """
+    return {k: tuple(v["shape"]) for k, v in read_header(path).items()
+            if k != "__metadata__" and isinstance(v, dict) and "shape" in v}
+
+
+def describe_unknown(keys: list[str]) -> str:
+    """One phrase naming what a file that is not a supported pipeline checkpoint holds."""
+    joined = "\n".join(keys)
+    if "double_blocks." in joined or "single_blocks." in joined:
+        return "a FLUX transformer"
+    if "joint_blocks." in joined:
+        return "an SD3 (MMDiT) transformer"
+    if "lora_" in joined or ".lora_down." in joined or ".lora_A." in joined or ".lora_B." in joined:
+        return "a LoRA (use it with --lora)"
+    if "conditioner.embedders.0.model." in joined and UNET in joined:
+        return "an SDXL refiner"
+    if any(k.startswith(("encoder.", "decoder.", VAE)) for k in keys) and not any(k.startswith(UNET) for k in keys):
+        return "a VAE only (use a VAE folder with --vae)"
+    if any(k.startswith(UNET) for k in keys):
+        return "a UNet without the text encoder or VAE it needs"
+    shown = ", ".join(keys[:2])
+    return f"an unknown layout ({len(keys)} tensors, e.g. {shown})"
+
+
+def unsupported_checkpoint(path: Path, what: str) -> UnsupportedCheckpointError:
+    """The refusal of a single file that holds ``what`` ("a FLUX transformer", ...)."""
+    return UnsupportedCheckpointError(f"{path.name} is {what}; dalle loads {SUPPORTED} (.safetensors)")
+
+
+def single_file_family(path: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> str:
+    """The family of a single-file pipeline checkpoint, from its tensor names and shapes alone (no tensor is read).
+
+    Args:
+        path: a safetensors file in the original LDM key layout.
+        shapes: its :func:`tensor_shapes`, when already read.
+
+    Returns:
+        "sd1", "sd2" (SD 2.x: whether it is the 512-px epsilon "base" model the header cannot say) or "sdxl".
+
+    Raises:
+        UnsupportedCheckpointError: not a whole SD 1.x, SD 2.x or SDXL base pipeline (a FLUX or SD3 transformer, a
+            LoRA, a VAE, a refiner, an inpainting UNet, ...; one line naming what it is).
+        UnsafeWeightsError, CorruptWeightsError: as :func:`verify_safetensors`.
+    """
+    shapes = tensor_shapes(path) if shapes is None else shapes
+    if SDXL_OPENCLIP + "positional_embedding" in shapes and SDXL_CLIP + "embeddings.token_embedding.weight" in shapes:
+        family = "sdxl"
+    elif SD2_OPENCLIP + "token_embedding.weight" in shapes:
+        family = "sd2"
+    elif SD1_CLIP + "embeddings.token_embedding.weight" in shapes:
+        family = "sd1"
+    else:
+        raise unsupported_checkpoint(path, describe_unknown(sorted(shapes)))
+    first_conv = shapes.get(UNET + "input_blocks.0.0.weight")
+    if first_conv is None or VAE + "decoder.conv_in.weight" not in shapes:
+        raise unsupported_checkpoint(path, describe_unknown(sorted(shapes)))
+    if len(first_conv) > 1 and first_conv[1] != 4:
+        raise unsupported_checkpoint(path, f"an inpainting or other {first_conv[1]}-channel UNet")
+    return family
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a file, remembered by (path, size, mtime) in dalle's cache
+    (:func:`dallecli.config.cache_dir`), so that a multi-GB checkpoint is hashed once (AUTOMATIC1111's
+    "Model hash" is the first 10 hex digits).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    import hashlib
+
+    from dallecli.atomic import write_file
+    from dallecli.config import cache_dir
+    from dallecli.errors import DiskFullError
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = cache_dir() / "file-hashes" / key
+    try:
+        return memo.read_text(encoding="utf-8").strip()
+    except OSError:
+        pass
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            sha.update(chunk)
+    value = f"sha256:{sha.hexdigest()}"
+    try:
+        write_file(memo, value)
+    except (OSError, DiskFullError):  # only a memo: the next call hashes again
+        pass
+    return value
+
+
+def _class_name_in(config: Path) -> str | None:
+    """``_class_name`` from a diffusers JSON config file (None when absent or unreadable)."""
+    try:
+        found = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found.get("_class_name") if isinstance(found, dict) else None
+
+
+def pipeline_class_name(folder: Path) -> str | None:
+    """``_class_name`` from a pipeline folder's ``model_index.json`` (None when absent or unreadable)."""
+    return _class_name_in(folder / "model_index.json")
+
+
+def component_class_name(folder: Path) -> str | None:
+    """``_class_name`` from a component folder's ``config.json`` (None when absent or unreadable)."""
+    return _class_name_in(folder / "config.json")
+
+
+def default_size(folder: Path) -> int | None:
+    """The image size (pixels) a pipeline folder was trained for: UNet/transformer ``sample_size`` times the
+    VAE's scale factor, or None when the configs do not say."""
+    try:
+        denoiser = next(folder / name / "config.json" for name in ("unet", "transformer")
+                        if (folder / name / "config.json").exists())
+        sample = json.loads(denoiser.read_text(encoding="utf-8")).get("sample_size")
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (StopIteration, OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(sample, int):
+        return None
+    return sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)

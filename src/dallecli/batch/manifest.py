@@ -108,14 +108,22 @@ def start_run(folder: Path, base_seed: int, header: dict | None = None) -> int:
         except FileExistsError:
             pass
     for _ in range(50):  # a manifest made by exclusive create may be empty for a moment
-        for record in read_records(folder):
-            if record.get("type") == "run" and isinstance(record.get("base_seed"), int):
-                return record["base_seed"]
+        recorded = recorded_seed(folder)
+        if recorded is not None:
+            return recorded
         if path.stat().st_size:
             break
         time.sleep(0.02)
     append_record(folder, json.loads(line))  # a manifest without a header (written by hand): add one
     return base_seed
+
+
+def recorded_seed(folder: Path) -> int | None:
+    """The base seed of the manifest's run header (read only); None when there is no manifest or no header."""
+    for record in read_records(folder):
+        if record.get("type") == "run" and isinstance(record.get("base_seed"), int):
+            return record["base_seed"]
+    return None
 
 
 def save_stdin_copy(folder: Path, data: bytes, fmt: str) -> Path:

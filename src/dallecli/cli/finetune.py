@@ -136,7 +136,8 @@ def finetune(
         from dallecli.errors import UsageError
 
         raise UsageError("--scorer needs --check-captions")
-    from dallecli.training.finetune import FinetuneConfig, FinetuneHooks, finetune as run_finetune, latest_checkpoint_step
+    from dallecli.training.finetune import FinetuneConfig, FinetuneHooks, finetune as run_finetune
+    from dallecli.training.finetune_config import latest_checkpoint_step
 
     config = FinetuneConfig(
         data_dir=data_dir, output=output, model=model, revision=revision, cache_dir=cache_dir, rank=rank, alpha=alpha, learning_rate=learning_rate,

@@ -68,9 +68,7 @@ def generate(
     if merged["prompt"] is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
     model, dtype, vae = merged["model"], merged["dtype"], merged["vae"]
-    fields = dict(request_fields(merged), scheduler=merged["scheduler"],
-                  negative_prompt=merged["negative_prompt"] or None)
-    request = GenerationRequest(num_images=num_images, batch_size=batch_size, **fields, **inputs)
+    request = GenerationRequest(num_images=num_images, batch_size=batch_size, **request_fields(merged), **inputs)
     request, folder = prepare_run(request, out, fmt)  # before any model loads
     best_of = prepare_rerank(rerank, keep_candidates, scorer, cache_dir)
     if server and best_of is not None:

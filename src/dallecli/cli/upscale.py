@@ -39,6 +39,7 @@ def upscale(
     from dallecli.cli.running import user_device
     from dallecli.config import default_output_dir, user_default
     from dallecli.engine.inputs import load_init_image
+    from dallecli.engine.schedulers import a1111_sampler
     from dallecli.engine.upscale import UpscaleRequest, Upscaler, check_request, check_scale, upscale_file
     from dallecli.images import (check_image_size, check_metadata_room, output_format, prepare_output_folder,
                                  stored_prompt, write_image)
@@ -71,7 +72,7 @@ def upscale(
             raise Interrupted("interrupted: nothing was written") from None
     for message in result.warnings:
         warn(message)
-    path = write_image(result.image, folder, result.settings, result.settings["scheduler"], fmt=fmt)
+    path = write_image(result.image, folder, result.settings, a1111_sampler(result.settings["scheduler"]), fmt=fmt)
     if json_output:
         out_json({"images": [{"path": str(path), "seed": result.settings["seed"]}], "parameters": result.settings})
     else:

@@ -12,17 +12,17 @@ from dallecli import __version__
 from dallecli.engine import weighting
 from dallecli.engine.device import float32_weight_bytes, resolve_device, resolve_dtype
 from dallecli.engine.known_words import training_vocabulary, unknown_words
-from dallecli.engine.loading import (check_vae_fits, component_class_name, default_size, load_pipeline, load_vae,
-                                     pipeline_class_name, recorded_defaults, with_vae)
+from dallecli.engine.loading import check_vae_fits, load_pipeline, load_vae, recorded_defaults, with_vae
 from dallecli.engine.memory import (MemoryChoice, activation_scale, apply_memory_mode, available_bytes, check_feasible,
                                     choose_low_memory, estimate_bytes, low_memory_floor_bytes, vae_can_tile)
 from dallecli.engine.request import (RANDOM_SEED, GenerationRequest, ImageSettings, MAX_SEED, effective_steps,
                                      validate_request)
 from dallecli.engine.schedulers import check_scheduler, check_steps, make_scheduler, scheduler_name, validate_scheduler
-from dallecli.errors import ModelNotFoundError, NonFiniteOutputError, OutOfMemoryError, UsageError, first_line
+from dallecli.engine.failures import check_finite, out_of_memory
+from dallecli.errors import ModelNotFoundError, UsageError, first_line
 from dallecli.store.registry import PIPELINE_FAMILIES, defaults_for, tiny_decoder_for
 from dallecli.store.resolve import ResolvedModel, resolve_lora, resolve_model, resolve_vae
-from dallecli.weightfiles import verify_safetensors
+from dallecli.weightfiles import component_class_name, default_size, pipeline_class_name, verify_safetensors
 
 INPUTS_KEPT = 8  # init images (and masks) an engine keeps read: the requests being planned and run
 StepCallback = Callable[[int, int], None]  # (steps done in this batch, steps per batch)
@@ -119,6 +119,7 @@ class Engine:
         self._task_pipes: dict[tuple, object] = {}  # (task class name, id of the loaded pipe) -> derived pipeline
         self._inputs: dict[tuple, object] = {}  # (image, mask, digests, task) -> engine.tasks.PreparedInputs
         self._inputs_lock = threading.Lock()
+        self._schedulers_checked: set[tuple[str, int]] = set()  # (scheduler, steps) that check_scheduler passed
         self._weighting_noted = False  # the "passed verbatim" warning is given once per engine
         self._options = {"device": device, "dtype": dtype, "cache_dir": cache_dir, "vae": vae,
                          "low_memory": low_memory}
@@ -164,6 +165,7 @@ class Engine:
             if self.vae is not None:
                 pipe = with_vae(pipe, load_vae(self.vae.path, self.device, self.dtype), self.vae.name)
             self._base_scheduler_config = dict(pipe.scheduler.config)
+            _give_text_model_path(pipe)
             self._pipe = pipe
         return self._pipe
 
@@ -409,16 +411,45 @@ class Engine:
         request = self._with_input_size(request)
         request = request.with_defaults(self.defaults())
         validate_request(request)
-        own_scheduler = self.model.path / "scheduler" / "scheduler_config.json"
-        if request.scheduler not in (None, "default") and own_scheduler.is_file():  # before the model loads
-            import json
-
-            check_scheduler(request.scheduler, json.loads(own_scheduler.read_text(encoding="utf-8")), request.steps)
+        self.check_scheduler(request.scheduler, request.steps)
+        self.check_clip_skip(request.clip_skip)
         for spec in request.loras:  # a LoRA that is missing, not downloaded or not safetensors fails before loading
             verify_safetensors(resolve_lora(spec.path, self.cache_dir)[0])
         seed = random_seed() if request.seed in (None, RANDOM_SEED) else request.seed
         request = replace(request, seed=seed, batch_size=request.batch_size or 1)
         return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
+
+    def scheduler_config(self) -> dict | None:
+        """The model's own scheduler config, read from JSON alone (no weights): a folder's
+        ``scheduler/scheduler_config.json``, or the shipped config of a single file's family; None when the
+        folder has none or it cannot be read."""
+        if self.model.single_file:
+            from dallecli.engine.single_file import scheduler_config
+
+            return scheduler_config(self.single_file)
+        import json
+
+        try:
+            config = json.loads((self.model.path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return config if isinstance(config, dict) else None
+
+    def check_scheduler(self, scheduler: str | None, steps: int) -> None:
+        """Check, before the model loads (from its scheduler config alone), that ``scheduler`` (None or
+        "default": the model's own) fits the model and plans ``steps`` denoising steps; a model without a
+        readable scheduler config is checked once loaded. Remembered per (scheduler, steps).
+
+        Raises:
+            UsageError: see :func:`dallecli.engine.schedulers.check_scheduler`.
+        """
+        key = (scheduler or "default", steps)
+        if key in self._schedulers_checked:
+            return
+        config = self.scheduler_config()
+        if config is not None:
+            check_scheduler(scheduler, config, steps)
+        self._schedulers_checked.add(key)
 
     def _use_loras(self, loras) -> list[dict]:
         """Put exactly ``loras`` (LoraSpec, ...) into the pipeline (none: unload all); returns their metadata.
@@ -442,7 +473,9 @@ class Engine:
         return [dict(entry) for entry in applied]
 
     def check_clip_skip(self, clip_skip: int | None) -> None:
-        """Check an AUTOMATIC1111 clip skip (1 = none, 2 = penultimate layer) against the loaded pipeline.
+        """Check an AUTOMATIC1111 clip skip (1 = none, 2 = penultimate layer) against the model, from its configs
+        alone (the pipeline class its ``model_index.json`` names, its text encoders' ``num_hidden_layers``), so
+        that a value it cannot apply is refused before the model loads.
 
         Raises:
             UsageError: the pipeline's ``__call__`` takes no ``clip_skip``, or ``clip_skip`` would skip every layer
@@ -452,29 +485,40 @@ class Engine:
             return
         import inspect
 
-        pipe = self.pipe
-        if "clip_skip" not in inspect.signature(type(pipe).__call__).parameters:
-            raise UsageError(f"--clip-skip: {type(pipe).__name__} has no clip skip (it applies to CLIP text "
-                             "encoders of SD 1.x/2.x, SDXL and SD 3 pipelines); leave it out or use 1")
-        layers = [e.config.num_hidden_layers for e in (getattr(pipe, "text_encoder", None),
-                                                       getattr(pipe, "text_encoder_2", None))
-                  if e is not None and hasattr(e.config, "num_hidden_layers")]
+        import diffusers
+
+        class_name = self._layout()[0]
+        cls = getattr(diffusers, class_name, None) if class_name and class_name.isidentifier() else None
+        if isinstance(cls, type) and "clip_skip" not in inspect.signature(cls.__call__).parameters:
+            raise UsageError(f"--clip-skip: {class_name} has no clip skip (it applies to CLIP text encoders of SD "
+                             "1.x/2.x, SDXL and SD 3 pipelines); leave it out or use 1")
+        encoders = self._text_encoder_configs()
+        layers = [c["num_hidden_layers"] for c in encoders.values() if isinstance(c.get("num_hidden_layers"), int)]
         if not layers:
             return
         # SDXL and SD 3 (a second CLIP encoder) already read the penultimate layer: diffusers skips one more
-        largest = min(layers) - (1 if getattr(pipe, "text_encoder_2", None) is not None else 0)
+        largest = min(layers) - (1 if "text_encoder_2" in encoders else 0)
         if clip_skip > largest:
             allowed = "1" if largest <= 1 else f"1 to {largest}"
             raise UsageError(f"--clip-skip {clip_skip} would skip every layer of this model's text encoder "
                              f"({min(layers)} layers); use {allowed}")
-        encoder = getattr(pipe, "text_encoder", None)
-        if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
-            # diffusers' SD 1.x/2.x pipelines apply ``text_encoder.text_model.final_layer_norm`` to the skipped-to
-            # layer; transformers 5 flattened ``text_model`` into CLIPTextModel. A plain attribute (not a
-            # registered submodule: the weights and state dict are unchanged) gives them the path they read.
-            from types import SimpleNamespace
 
-            object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
+    def _text_encoder_configs(self) -> dict[str, dict]:
+        """The configs of the model's ``text_encoder`` and ``text_encoder_2`` that it has (JSON, no weights)."""
+        if self.model.single_file:
+            overrides = self.single_file.overrides
+            return {name: overrides[name] for name in ("text_encoder", "text_encoder_2") if name in overrides}
+        import json
+
+        found = {}
+        for name in ("text_encoder", "text_encoder_2"):
+            try:
+                config = json.loads((self.model.path / name / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(config, dict):
+                found[name] = config
+        return found
 
     def _use_scheduler(self, name: str | None) -> str:
         pipe = self.pipe
@@ -581,14 +625,12 @@ class Engine:
         steps = effective_steps(request) if "strength" in extra else request.steps  # what the pipeline runs
         apply_memory_mode(pipe, self.memory(request.width, request.height, len(prompts),
                                             request.guidance_scale > 1))
-        callback = None
-        if on_step is not None:
-            def callback(_pipe, step_index, _timestep, kwargs):
-                on_step(step_index + 1, steps)
-                return kwargs
+        def callback(_pipe, step_index, _timestep, kwargs):
+            on_step(step_index + 1, steps)
+            return kwargs
 
         try:
-            with torch.inference_mode():
+            with out_of_memory(out_of_memory_message(self.device, request, len(prompts))), torch.inference_mode():
                 output = pipe(
                     **self._prompt_arguments(pipe, prompts, request),  # texts, or weighted embeddings
                     num_inference_steps=request.steps,
@@ -596,32 +638,15 @@ class Engine:
                     **extra,  # width and height; the init image, mask and strength of an image task
                     generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                     output_type="pt",
-                    callback_on_step_end=callback,
+                    callback_on_step_end=callback if on_step is not None else None,
                     # A1111's clip skip N is diffusers' N - 1; left out when off, for pipelines without it
                     **({"clip_skip": request.clip_skip - 1} if request.clip_skip and request.clip_skip > 1 else {}),
                 )
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
-        except (RuntimeError, MemoryError) as exc:
-            message = str(exc).lower()
-            if isinstance(exc, MemoryError) or "out of memory" in message or "can't allocate memory" in message:
-                raise OutOfMemoryError(out_of_memory_message(self.device, request, len(prompts))) from exc
-            raise
         except ValueError as exc:  # diffusers' check_inputs and schedulers refuse a setting
             raise UsageError(f"{type(pipe).__name__} refused the request ({request.steps} steps, "
                              f"{request.width}x{request.height}, guidance {request.guidance_scale:g}): {first_line(exc)}") from exc
         images = output.images  # (B, 3, H, W) in [0, 1]
-        if not torch.isfinite(images).all():
-            if self.dtype == "float32":
-                raise NonFiniteOutputError(
-                    "the decoded image contains NaN/Inf values in float32; nothing was written. The model's "
-                    "weights may hold NaN/Inf, or a LoRA scale is too large"
-                )
-            raise NonFiniteOutputError(
-                f"the decoded image contains NaN/Inf values (in {self.dtype} the VAE can overflow: this is "
-                "what turns into an all-black image); nothing was written. Use --dtype float32 "
-                "(or bfloat16), or an fp16-safe VAE"
-            )
+        check_finite(images, self.dtype, loras=True)
         return images
 
     def _settings(self, prompt: str, seed: int, request: GenerationRequest, scheduler: str, loras: list[dict],
@@ -682,7 +707,6 @@ class Engine:
         request, seeds = self.plan(request)
         scheduler = self._use_scheduler(request.scheduler)
         check_steps(self.pipe.scheduler, request.steps)
-        self.check_clip_skip(request.clip_skip)
         loras = self._use_loras(request.loras)
         check, warnings = self.prompt_warnings(request)
         batch_size = request.batch_size
@@ -726,9 +750,10 @@ class Engine:
         request = self._with_input_size(request)
         request = request.with_defaults(self.defaults())
         validate_request(request)
+        self.check_scheduler(request.scheduler, request.steps)  # before the model loads
+        self.check_clip_skip(request.clip_skip)
         scheduler = self._use_scheduler(request.scheduler)
         check_steps(self.pipe.scheduler, request.steps)
-        self.check_clip_skip(request.clip_skip)
         loras = self._use_loras(request.loras)
         prompts, seeds = [p for p, _ in items], [s for _, s in items]
         images = self._run_pass(prompts, seeds, request, on_step)
@@ -739,6 +764,17 @@ class Engine:
             settings = self._settings(prompt, seed, request, scheduler, loras, check)
             results.append(GeneratedImage(self._finish(images[index], request), settings, index, warnings))
         return results
+
+
+def _give_text_model_path(pipe) -> None:
+    """diffusers' SD 1.x/2.x pipelines apply ``text_encoder.text_model.final_layer_norm`` to the layer a clip skip
+    reads; transformers 5 flattened ``text_model`` into CLIPTextModel. A plain attribute (not a registered
+    submodule: the weights and state dict are unchanged) gives them the path they read."""
+    encoder = getattr(pipe, "text_encoder", None)
+    if encoder is not None and not hasattr(encoder, "text_model") and hasattr(encoder, "final_layer_norm"):
+        from types import SimpleNamespace
+
+        object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))
 
 
 def to_pil(image):

@@ -158,32 +158,37 @@ class InputImage:
         return self.source if is_upload(self.source) else self.path.name
 
 
-def _where(source: Path | Upload) -> tuple[Path, str]:
-    """(path recorded, SHA-256) of a file or an upload."""
-    if isinstance(source, Upload):
-        return Path(source.source), hashlib.sha256(source.data).hexdigest()
-    return Path(source).resolve(), sha256_file(source)
+def _open(source: Path | Upload, what: str):
+    """``(upright image, path recorded, SHA-256)`` of a file or an upload. A file's bytes are read once, then
+    both hashed and decoded, so the digest is that of the pixels used even when the file changes meanwhile.
 
-
-def _open(path: Path | Upload, what: str):
+    Raises:
+        UsageError: missing, not a file, unreadable, or not an image Pillow reads (the message names it).
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    if isinstance(path, Upload):
-        what, handle, path = path.what, io.BytesIO(path.data), path.source
+    if isinstance(source, Upload):
+        what, data, shown, recorded = source.what, source.data, source.source, Path(source.source)
     else:
-        path = handle = Path(path)
-        if not path.is_file():
-            raise UsageError(f"{what} {path} does not exist" if not path.exists() else f"{what} {path} is not a file")
+        shown = Path(source)
+        if not shown.is_file():
+            raise UsageError(f"{what} {shown} does not exist" if not shown.exists() else f"{what} {shown} is not a file")
+        try:
+            with open(shown, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise UsageError(f"{what} {shown} is not a readable image ({first_line(exc)})") from None
+        recorded = shown.resolve()
     try:
-        with Image.open(handle) as opened:
+        with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             upright = ImageOps.exif_transpose(opened)
             upright.load()
-    except UnidentifiedImageError:  # PIL's message names the file object (a BytesIO's address for an upload)
-        raise UsageError(f"{what} {path} is not a readable image (not a format Pillow knows)") from None
+    except UnidentifiedImageError:  # PIL's message names the file object (a BytesIO's address)
+        raise UsageError(f"{what} {shown} is not a readable image (not a format Pillow knows)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UsageError(f"{what} {path} is not a readable image ({first_line(exc)})") from None
-    return upright
+        raise UsageError(f"{what} {shown} is not a readable image ({first_line(exc)})") from None
+    return upright, recorded, hashlib.sha256(data).hexdigest()
 
 
 def load_init_image(path: Path | Upload, what: str = "--image") -> InputImage:
@@ -199,11 +204,11 @@ def load_init_image(path: Path | Upload, what: str = "--image") -> InputImage:
     Raises:
         UsageError: the file is missing, not a file, or not a readable image (the message names it).
     """
-    upright = _open(path, what)
+    upright, recorded, digest = _open(path, what)
     alpha = None
     if has_alpha(upright) and upright.mode not in ("I", "F") and not upright.mode.startswith("I;16"):
         alpha = upright.convert("RGBA").getchannel("A")
-    return InputImage(*_where(path), to_rgb8(upright), alpha)
+    return InputImage(recorded, digest, to_rgb8(upright), alpha)
 
 
 def load_mask(path: Path | Upload, size: tuple[int, int], what: str = "--mask", *,
@@ -224,7 +229,7 @@ def load_mask(path: Path | Upload, size: tuple[int, int], what: str = "--mask", 
     Raises:
         UsageError: unreadable file, or a size different from the image's (both sizes named).
     """
-    upright, source = _open(path, what), path
+    upright, recorded, digest = _open(path, what)
     if isinstance(path, Upload):
         what, path = path.what, path.source
     if upright.size != tuple(size):
@@ -237,7 +242,7 @@ def load_mask(path: Path | Upload, size: tuple[int, int], what: str = "--mask", 
         mask = alpha if opaque_repaints else ImageOps.invert(alpha)  # OpenAI: transparent (0) -> repaint (255)
     else:  # no alpha, or an opaque one (a black-and-white mask saved as RGBA): the grey levels say it
         mask = to_rgb8(upright).convert("L")
-    return InputImage(*_where(source), mask, None)
+    return InputImage(recorded, digest, mask, None)
 
 
 def mask_from_alpha(image: InputImage):

@@ -6,9 +6,10 @@ import json
 import logging
 from pathlib import Path
 
+from dallecli.engine.failures import out_of_memory
 from dallecli.weightfiles import verify_folder
 from dallecli.store.download import SKIPPED_COMPONENTS, variant_of
-from dallecli.errors import ModelNotFoundError, OutOfMemoryError, UnsafeWeightsError, UsageError, first_line
+from dallecli.errors import ModelNotFoundError, UnsafeWeightsError, UsageError, first_line
 
 _CACHE: dict[tuple, object] = {}
 
@@ -36,39 +37,6 @@ def quiet_libraries() -> None:
         transformers_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - both are dependencies
         pass
-
-
-def _class_name_in(config: Path) -> str | None:
-    """``_class_name`` from a diffusers JSON config file (None when absent or unreadable)."""
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
-def pipeline_class_name(folder: Path) -> str | None:
-    """``_class_name`` from a pipeline folder's ``model_index.json`` (None when absent or unreadable)."""
-    return _class_name_in(folder / "model_index.json")
-
-
-def component_class_name(folder: Path) -> str | None:
-    """``_class_name`` from a component folder's ``config.json`` (None when absent or unreadable)."""
-    return _class_name_in(folder / "config.json")
-
-
-def default_size(folder: Path) -> int | None:
-    """The image size (pixels) a pipeline folder was trained for: UNet/transformer ``sample_size`` times the
-    VAE's scale factor, or None when the configs do not say."""
-    try:
-        denoiser = next(folder / name / "config.json" for name in ("unet", "transformer")
-                        if (folder / name / "config.json").exists())
-        sample = json.loads(denoiser.read_text(encoding="utf-8")).get("sample_size")
-        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-    except (StopIteration, OSError, ValueError):
-        return None
-    if not isinstance(sample, int):
-        return None
-    return sample * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
 
 
 GENERATION_DEFAULTS_KEY = "generation_defaults"  # in a model folder's training.json (dalle finetune --full)
@@ -160,13 +128,65 @@ def _dtype_kwargs(dtype: str) -> dict:
     return {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": getattr(torch, dtype)}
 
 
+def load_fresh_pipeline(folder: Path, dtype: str, variant: str | None = "fp16", *, cpu_threads: bool = False):
+    """Load the pipeline in ``folder`` on the CPU in ``dtype``, uncached: a copy of its own that the caller may
+    change (``dalle finetune`` puts adapters on it and trains it). :func:`load_pipeline` is this plus the cache
+    and the device.
+
+    Every weights file is checked by content first (:func:`dallecli.weightfiles.verify_folder`), then
+    ``DiffusionPipeline.from_pretrained(..., use_safetensors=True, local_files_only=True)`` loads it; remote code
+    is never trusted. Weights are materialised once, straight in ``dtype`` (diffusers' ``low_cpu_mem_usage``
+    path through accelerate: no random initialisation, no second copy). Progress bars are off.
+
+    Args:
+        folder: a diffusers pipeline folder (``model_index.json`` + component folders), or a single-file
+            ``.safetensors`` checkpoint (:func:`dallecli.engine.single_file.load_single_file`).
+        dtype: "float32", "float16" or "bfloat16".
+        variant: the preferred weights variant such as "fp16" (:func:`choose_variant` decides from the files).
+        cpu_threads: set torch's threads (:func:`dallecli.engine.threads.configure_threads`) once the files are
+            checked, before the weights load (the engine running on the CPU).
+
+    Returns:
+        The pipeline, its weights in CPU memory.
+
+    Raises:
+        UnsafeWeightsError: pickle-only components or pickles disguised as safetensors.
+        CorruptWeightsError: truncated or LFS-pointer weights.
+        ModelNotFoundError: not a pipeline folder, or diffusers cannot load it.
+    """
+    single_file = folder.is_file()  # an A1111/Civitai checkpoint: engine/single_file.py
+    if not single_file and not (folder / "model_index.json").exists():
+        raise ModelNotFoundError(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
+    if not single_file:
+        verify_folder(folder)
+    quiet_libraries()
+    from diffusers import DiffusionPipeline
+
+    if cpu_threads:
+        from dallecli.engine.threads import configure_threads
+
+        configure_threads()
+    try:
+        if single_file:
+            from dallecli.engine.single_file import load_single_file
+
+            pipe = load_single_file(folder, dtype)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(folder, **pretrained_kwargs(folder, dtype, variant))
+    except (EnvironmentError, ValueError) as exc:
+        message = first_line(exc)
+        if "safetensors" in message.lower() and "not found" in message.lower():
+            raise UnsafeWeightsError(f"{folder} lacks .safetensors weights for a component: {message}") from exc
+        raise ModelNotFoundError(f"cannot load the pipeline in {folder}: {message}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "fp16", *, offload: bool = False):
     """Load (or reuse) the pipeline in ``folder`` on ``device`` in ``dtype``.
 
-    Every weights file is checked by content first (:func:`dallecli.weightfiles.verify_folder`), then
-    ``DiffusionPipeline.from_pretrained(..., use_safetensors=True)`` loads it; remote code is never trusted.
-    Weights are materialised once, straight in ``dtype`` (diffusers' ``low_cpu_mem_usage`` path through
-    accelerate: no random initialisation, no second copy). On the CPU, torch's threads follow
+    The loading is :func:`load_fresh_pipeline` (weights checked by content, safetensors only, remote code never
+    trusted, weights materialised once straight in ``dtype``). On the CPU, torch's threads follow
     :func:`dallecli.engine.threads.configure_threads` (one per physical core). The result is cached
     in-process keyed by (folder, device, dtype, variant, offload).
 
@@ -183,46 +203,19 @@ def load_pipeline(folder: Path, device: str, dtype: str, variant: str | None = "
         UnsafeWeightsError: pickle-only components or pickles disguised as safetensors.
         CorruptWeightsError: truncated or LFS-pointer weights.
         ModelNotFoundError: not a pipeline folder, or diffusers cannot load it.
-        OutOfMemoryError: the weights do not fit on the device.
+        OutOfMemoryError: the weights do not fit on the device (any allocator's words:
+            :func:`dallecli.engine.failures.out_of_memory`).
     """
     offload = offload and device.startswith("cuda")
     key = (str(folder.resolve()), device, dtype, variant, offload)
     if key in _CACHE:
         return _CACHE[key]
-    single_file = folder.is_file()  # an A1111/Civitai checkpoint: engine/single_file.py
-    if not single_file and not (folder / "model_index.json").exists():
-        raise ModelNotFoundError(f"{folder} has no model_index.json; it is not a diffusers pipeline folder")
-    if not single_file:
-        verify_folder(folder)
-    quiet_libraries()
-    import torch
-    from diffusers import DiffusionPipeline
-
-    if device == "cpu":
-        from dallecli.engine.threads import configure_threads
-
-        configure_threads()
-
-    try:
-        if single_file:
-            from dallecli.engine.single_file import load_single_file
-
-            pipe = load_single_file(folder, dtype)
-        else:
-            pipe = DiffusionPipeline.from_pretrained(folder, **pretrained_kwargs(folder, dtype, variant))
-    except (EnvironmentError, ValueError) as exc:
-        message = first_line(exc)
-        if "safetensors" in message.lower() and "not found" in message.lower():
-            raise UnsafeWeightsError(f"{folder} lacks .safetensors weights for a component: {message}") from exc
-        raise ModelNotFoundError(f"cannot load the pipeline in {folder}: {message}") from exc
-    try:
+    pipe = load_fresh_pipeline(folder, dtype, variant, cpu_threads=device == "cpu")
+    with out_of_memory(f"the model does not fit in {device} memory; try --low-memory or a smaller model"):
         if offload:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe = pipe.to(device)
-    except torch.OutOfMemoryError as exc:
-        raise OutOfMemoryError(f"the model does not fit in {device} memory; try --low-memory or a smaller model") from exc
-    pipe.set_progress_bar_config(disable=True)
     _CACHE[key] = pipe
     return pipe
 

@@ -61,9 +61,11 @@ def request_fields(merged: dict) -> dict:
         merged: from :func:`merge_stored`.
 
     Returns:
-        A new dict without the engine's settings.
+        A new dict without the engine's settings; an empty negative prompt is None (none).
     """
-    return {key: value for key, value in merged.items() if key not in ENGINE_SETTINGS}
+    fields = {key: value for key, value in merged.items() if key not in ENGINE_SETTINGS}
+    fields["negative_prompt"] = fields.get("negative_prompt") or None
+    return fields
 
 
 def replay_inputs(stored: dict, source: Path | None, image: Path | None, strength: float | None) -> dict:

@@ -190,11 +190,11 @@ def field_problem(field: str, value, *, label: str | None = None, num_images: in
 
     Args:
         field: "width", "height" (pixels, 8-8192, multiples of 8), "steps" (1 to :data:`MAX_STEPS`),
-            "guidance" (0 to :data:`MAX_GUIDANCE`), "strength" (in (0, 1]), "seed" (0 to :data:`MAX_SEED`), or
-            "prompt"/"negative_prompt" (at most :data:`MAX_PROMPT_CHARS` characters, no control character but
-            tab, line feed and carriage return).
+            "guidance" (0 to :data:`MAX_GUIDANCE`), "strength" (in (0, 1]), "seed" (0 to :data:`MAX_SEED`),
+            "clip_skip" (a whole number >= 1), or "prompt"/"negative_prompt" (at most :data:`MAX_PROMPT_CHARS`
+            characters, no control character but tab, line feed and carriage return).
         value: the value, already an int (a float for guidance and strength, a str for the prompts); NaN is out
-            of range.
+            of range. A clip skip that is not an int (a bool, a float, a str) is refused.
         label: how the message names the field (default: the option, ``--FIELD``).
         num_images: images made from the seed (image i gets ``seed + i``), which lowers the highest seed.
         random_seed: whether -1 (:data:`RANDOM_SEED`) is accepted as a seed.
@@ -202,7 +202,7 @@ def field_problem(field: str, value, *, label: str | None = None, num_images: in
     Returns:
         A message naming the field, the range and the bad value; None when the value is valid.
     """
-    label = label or f"--{field}"
+    label = label or f"--{field.replace('_', '-')}"
     if field in ("prompt", "negative_prompt"):
         return _prompt_problem(value, label)
     if field in ("width", "height"):
@@ -225,9 +225,37 @@ def field_problem(field: str, value, *, label: str | None = None, num_images: in
         if not (random_seed and value == RANDOM_SEED) and not 0 <= value <= highest:
             return (f"{label} must be between 0 and {highest}" + (", or -1 for a random seed" if random_seed else "")
                     + f" (got {value})")
+    elif field == "clip_skip":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{label} must be a whole number >= 1 (1 = no skip, 2 = penultimate layer; got {value!r})"
     else:
         raise ValueError(f"unknown request field {field!r}")
     return None
+
+
+def denoising_problem(steps: int, strength: float, *, steps_name: str = "--steps", strength_name: str = "--strength",
+                      counted: str = "steps", verb: str = "use") -> str | None:
+    """What is wrong with an init-image request whose strength leaves no denoising step (``int(steps * strength)
+    < 1``, diffusers' rule), naming the fewest steps that work; None when at least one step runs.
+
+    Args:
+        steps: the steps asked for (the model's when the request has none).
+        strength: in (0, 1] (:func:`field_problem` checked it).
+        steps_name, strength_name: how the message names the two settings (default: the CLI's flags; the server
+            passes its request fields, quoted).
+        counted: the word after the step count ("with 12 steps").
+        verb: what to do with ``steps_name`` ("use --steps 20 or more"; the server's "send 'steps' 20 or more").
+
+    Returns:
+        The message, or None.
+    """
+    if int(steps * strength) >= 1:
+        return None
+    fewest = smallest_steps(strength)
+    advice = (f"{verb} {steps_name} {fewest} or more, or a higher {strength_name}" if fewest <= MAX_STEPS
+              else f"{verb} a higher {strength_name}")
+    return (f"{strength_name} {strength:g} with {steps} {counted} runs no denoising step "
+            f"(int({steps} x {strength:g}) = 0); {advice}")
 
 
 def _prompt_problem(text: str, label: str) -> str | None:
@@ -259,12 +287,8 @@ def _validate_inputs(request: GenerationRequest) -> None:
         raise UsageError("--strength needs an init image (--image IN.png); text to image has no strength")
     if problem := field_problem("strength", request.strength):
         raise UsageError(problem)
-    if request.steps is not None and int(request.steps * request.strength) < 1:
-        fewest = smallest_steps(request.strength)
-        advice = (f"use --steps {fewest} or more, or a higher --strength" if fewest <= MAX_STEPS
-                  else "use a higher --strength")
-        raise UsageError(f"--strength {request.strength:g} with {request.steps} steps runs no denoising step "
-                         f"(int({request.steps} x {request.strength:g}) = 0); {advice}")
+    if request.steps is not None and (problem := denoising_problem(request.steps, request.strength)):
+        raise UsageError(problem)
 
 
 def validate_request(request: GenerationRequest) -> None:
@@ -301,9 +325,7 @@ def validate_request(request: GenerationRequest) -> None:
     for name, value in (("steps", request.steps), ("guidance", request.guidance_scale)):
         if value is not None and (problem := field_problem(name, value)):
             raise UsageError(problem)
-    if request.clip_skip is not None and (isinstance(request.clip_skip, bool) or not isinstance(request.clip_skip, int)
-                                          or request.clip_skip < 1):
-        raise UsageError(f"--clip-skip must be a whole number >= 1 (1 = no skip, 2 = penultimate layer; "
-                         f"got {request.clip_skip!r})")
+    if request.clip_skip is not None and (problem := field_problem("clip_skip", request.clip_skip)):
+        raise UsageError(problem)
     if request.seed is not None and (problem := field_problem("seed", request.seed, num_images=request.num_images)):
         raise UsageError(problem)

@@ -132,11 +132,19 @@ def check_scheduler(name: str | None, base_config: dict, steps: int) -> None:
     diffusers' multistep solvers do not survive (public report); it is refused here as the zero-terminal-SNR
     case is in :func:`make_scheduler`.
 
+    ``name`` None or "default" checks the model's own scheduler (built from ``base_config`` as the loaded
+    pipeline builds it), except one that shifts its timesteps by the image size (``use_dynamic_shifting``: the
+    pipeline passes its ``mu`` at run time), which :meth:`~dallecli.engine.generate.Engine.generate` checks once
+    loaded.
+
     Raises:
         UsageError: the scheduler does not fit the model (see :func:`make_scheduler`), cannot plan ``steps``
             (:func:`check_steps`), or would repeat timesteps.
     """
-    if name in (None, "default"):  # the model's own: check_steps once it is loaded (some need the pipeline's mu)
+    if name in (None, "default"):
+        own = scheduler_class(base_config.get("_class_name") or "")
+        if own is not None and not base_config.get("use_dynamic_shifting"):
+            check_steps(own.from_config(base_config), steps)
         return
     scheduler = make_scheduler(name, base_config)
     sigma_spacing = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")

@@ -23,23 +23,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from dallecli.weightfiles import read_header as raw_header
-from dallecli.atomic import staged_folder, write_file
-from dallecli.errors import DiskFullError, ModelNotFoundError, first_line
-
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-SD1_CLIP = "cond_stage_model.transformer.text_model."
-SD2_OPENCLIP = "cond_stage_model.model."
-SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
-SDXL_OPENCLIP = "conditioner.embedders.1.model."
-SUPPORTED = "SD 1.x, SD 2.x and SDXL base single files"
+from dallecli.atomic import staged_folder
+from dallecli.errors import ModelNotFoundError, UnsupportedCheckpointError, first_line
+# the header-only checks (family, what an unsupported file holds) are weightfiles', which the store uses too
+from dallecli.weightfiles import (SD1_CLIP, SD2_OPENCLIP, SDXL_CLIP, SDXL_OPENCLIP, UNET, VAE, read_header as raw_header,
+                                  single_file_family, unsupported_checkpoint)
 
 # family -> (shipped config folder, pipeline class)
 FAMILIES = {
@@ -50,10 +43,6 @@ FAMILIES = {
 }
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x (768, v-prediction)", "sd2-base": "SD 2.x (512, epsilon)",
                 "sdxl": "SDXL"}
-
-
-class UnsupportedCheckpointError(ModelNotFoundError):
-    """A safetensors file whose layout is not one of :data:`SUPPORTED` (the message names what it holds)."""
 
 
 @dataclass(frozen=True)
@@ -120,25 +109,6 @@ def _blocks(keys, prefix: str) -> list[int]:
     return sorted(found)
 
 
-def describe_unknown(keys: list[str]) -> str:
-    """One phrase naming what a file that is not a supported pipeline checkpoint holds."""
-    joined = "\n".join(keys)
-    if "double_blocks." in joined or "single_blocks." in joined:
-        return "a FLUX transformer"
-    if "joint_blocks." in joined:
-        return "an SD3 (MMDiT) transformer"
-    if "lora_" in joined or ".lora_down." in joined or ".lora_A." in joined or ".lora_B." in joined:
-        return "a LoRA (use it with --lora)"
-    if "conditioner.embedders.0.model." in joined and UNET in joined:
-        return "an SDXL refiner"
-    if any(k.startswith(("encoder.", "decoder.", VAE)) for k in keys) and not any(k.startswith(UNET) for k in keys):
-        return "a VAE only (use a VAE folder with --vae)"
-    if any(k.startswith(UNET) for k in keys):
-        return "a UNet without the text encoder or VAE it needs"
-    shown = ", ".join(keys[:2])
-    return f"an unknown layout ({len(keys)} tensors, e.g. {shown})"
-
-
 def detect(path: Path) -> SingleFile:
     """Detect the family of a single-file checkpoint and read its dimensions from the tensor shapes.
 
@@ -154,27 +124,13 @@ def detect(path: Path) -> SingleFile:
     """
     header = read_header(path)
     shapes = {k: shape for k, (_, shape) in header.items()}
-    keys = sorted(shapes)
     total = sum(4 * _prod(shape) for shape in shapes.values())
 
     def unsupported(what: str) -> UnsupportedCheckpointError:
-        return UnsupportedCheckpointError(f"{path.name} is {what}; dalle loads {SUPPORTED} (.safetensors)")
+        return unsupported_checkpoint(path, what)
 
-    has_unet = UNET + "input_blocks.0.0.weight" in shapes
-    has_vae = VAE + "decoder.conv_in.weight" in shapes
-    if SDXL_OPENCLIP + "positional_embedding" in shapes and SDXL_CLIP + "embeddings.token_embedding.weight" in shapes:
-        family = "sdxl"
-    elif SD2_OPENCLIP + "token_embedding.weight" in shapes:
-        family = "sd2"
-    elif SD1_CLIP + "embeddings.token_embedding.weight" in shapes:
-        family = "sd1"
-    else:
-        raise unsupported(describe_unknown(keys))
-    if not (has_unet and has_vae):
-        raise unsupported(describe_unknown(keys))
+    family = single_file_family(path, shapes)  # "sd1", "sd2" or "sdxl"; 4-channel UNet and VAE present
     unet = _unet_config(shapes)
-    if unet["in_channels"] != 4:
-        raise unsupported(f"an inpainting or other {unet['in_channels']}-channel UNet")
     overrides = {"unet": unet, "vae": _vae_config(shapes)}
     if family == "sdxl":
         te1 = _clip_config(shapes, SDXL_CLIP)
@@ -320,6 +276,11 @@ def _shipped(config_name: str, component: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def scheduler_config(model: SingleFile) -> dict:
+    """The scheduler config ``model`` is loaded with (its family's shipped one; see :func:`materialise`)."""
+    return {**_shipped(model.config_name, "scheduler"), **model.overrides.get("scheduler", {})}
+
+
 @lru_cache(maxsize=1)
 def clip_bpe_files() -> tuple[str, str]:
     """``(vocab.json text, merges.txt text)`` for CLIPTokenizer, built from OpenAI CLIP's BPE merges
@@ -352,9 +313,9 @@ def clip_byte_symbols() -> dict[int, str]:
 
 def cache_root() -> Path:
     """Where materialised config folders go: ``DALLE_CACHE`` or the per-user cache (platformdirs)."""
-    from platformdirs import user_cache_dir
+    from dallecli.config import cache_dir
 
-    return Path(os.environ.get("DALLE_CACHE") or user_cache_dir("dallecli")) / "single-file-configs"
+    return cache_dir() / "single-file-configs"
 
 
 def materialise(model: SingleFile, root: Path | None = None) -> Path:
@@ -396,28 +357,6 @@ def materialise(model: SingleFile, root: Path | None = None) -> Path:
         if not (folder / "model_index.json").exists():
             raise
     return folder
-
-
-def file_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a file, remembered by (path, size, mtime) in the cache so that a multi-GB
-    checkpoint is hashed once (AUTOMATIC1111's "Model hash" is the first 10 hex digits)."""
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
-    memo = cache_root().parent / "file-hashes" / key
-    try:
-        return memo.read_text(encoding="utf-8").strip()
-    except OSError:
-        pass
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            sha.update(chunk)
-    value = f"sha256:{sha.hexdigest()}"
-    try:
-        write_file(memo, value)
-    except (OSError, DiskFullError):  # only a memo: the next call hashes again
-        pass
-    return value
 
 
 def _safetensors_name(path: Path, folder: Path) -> Path:

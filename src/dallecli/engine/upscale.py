@@ -32,10 +32,13 @@ from pathlib import Path
 
 from dallecli import __version__
 from dallecli.engine.device import resolve_device, resolve_dtype
-from dallecli.engine.loading import load_pipeline, pipeline_class_name
-from dallecli.errors import NonFiniteOutputError, OutOfMemoryError, UsageError
+from dallecli.engine.loading import load_pipeline
+from dallecli.engine.schedulers import scheduler_name
+from dallecli.engine.failures import check_finite, out_of_memory
+from dallecli.errors import UsageError
 from dallecli.store.registry import upscale_factors, upscaler_for
 from dallecli.store.resolve import ResolvedModel, resolve_model
+from dallecli.weightfiles import pipeline_class_name
 
 StepCallback = Callable[[int, int], None]  # (steps done over all tiles, steps in all)
 
@@ -79,8 +82,8 @@ class UpscaleRequest:
         model: an upscaler alias, repo id or folder; None for the registry's upscaler for ``scale``.
         prompt: text guidance; None for the prompt in the image's own metadata (dalle or A1111), else "".
         negative_prompt: what to steer away from (only with guidance > 1).
-        steps: ``num_inference_steps`` per tile (>= 1).
-        guidance: classifier-free guidance scale (>= 0; <= 1 turns it off).
+        steps: ``num_inference_steps`` per tile (1-1000).
+        guidance: classifier-free guidance scale (0-100; <= 1 turns it off).
         noise_level: x4 only, 0-350: noise added to the low-resolution image (more lets the model invent more).
         seed: seed of the starting noise (0 <= seed < 2**32); None draws one.
         tile: tile side in input pixels (a multiple of the model's alignment, see :data:`LAYOUTS`); 0 upscales the
@@ -122,20 +125,22 @@ class UpscaledImage:
 
 
 def check_request(request: UpscaleRequest) -> None:
-    """The checks of ``request`` that need no model (before anything is resolved or downloaded is looked for).
+    """The checks of ``request`` that need no model (before anything is resolved or downloaded is looked for):
+    the prompts, steps, guidance and seed by the rules of every request
+    (:func:`dallecli.engine.request.field_problem`), then what only an upscale has.
 
     Raises:
-        UsageError: steps < 1, guidance < 0, a noise level outside 0-350, a seed outside [0, 2**32) (-1: random),
-            a negative tile or overlap.
+        UsageError: a prompt too long or with control characters, steps outside 1-1000, guidance outside
+            0-100, a seed outside [0, 2**32) (-1: random), a noise level outside 0-350, a negative tile or overlap.
     """
-    if request.steps is not None and request.steps < 1:
-        raise UsageError(f"--steps {request.steps}: give at least 1")
-    if request.guidance is not None and not request.guidance >= 0:
-        raise UsageError(f"--guidance {request.guidance:g}: give 0 or more")
+    from dallecli.engine.request import field_problem
+
+    for name, value in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt),
+                        ("steps", request.steps), ("guidance", request.guidance), ("seed", request.seed)):
+        if value is not None and (problem := field_problem(name, value)):
+            raise UsageError(problem)
     if request.noise_level is not None and not 0 <= request.noise_level <= MAX_NOISE_LEVEL:
         raise UsageError(f"--noise-level {request.noise_level}: give 0 to {MAX_NOISE_LEVEL}")
-    if request.seed not in (None, -1) and not 0 <= request.seed < 2**32:
-        raise UsageError(f"--seed {request.seed}: give 0 to {2**32 - 1} (or -1 for a random one)")
     for name, value in (("--tile", request.tile), ("--overlap", request.overlap)):
         if value is not None and value < 0:
             raise UsageError(f"{name} {value}: give 0 or more pixels")
@@ -268,9 +273,9 @@ class Upscaler:
             ``{"steps", "guidance", "noise_level", "seed", "tile", "overlap", "padded": (w, h), "tiles": [Tile]}``.
 
         Raises:
-            UsageError: steps < 1, guidance < 0, noise level outside 0-350 or given to the x2 upscaler, a seed
-                outside [0, 2**32), a tile or overlap that is not a multiple of the alignment (the nearest valid
-                values named), an overlap >= the tile.
+            UsageError: what :func:`check_request` refuses, a noise level given to the x2 upscaler, a tile or
+                overlap that is not a multiple of the alignment (the nearest valid values named), an overlap >=
+                the tile.
         """
         from dallecli.engine.generate import random_seed
 
@@ -359,16 +364,10 @@ class Upscaler:
                 kwargs["negative_prompt"] = negative_prompt
             if plan["noise_level"] is not None:
                 kwargs["noise_level"] = plan["noise_level"]
-            try:
-                with torch.inference_mode():
-                    out = pipe(**kwargs).images[0]  # (height*scale, width*scale, 3), 0..1
-            except torch.OutOfMemoryError as exc:
-                raise OutOfMemoryError(f"one {tile.width}x{tile.height} tile does not fit in {self.device} memory; "
-                                       "give a smaller --tile") from exc
-            if not np.isfinite(out).all():
-                hint = ("use --dtype float32" if self.dtype != "float32" else
-                        "the weights produce NaN even in float32; check the model files")
-                raise NonFiniteOutputError(f"tile {number + 1} of {len(tiles)} decoded to NaN/Inf; {hint}")
+            with out_of_memory(f"one {tile.width}x{tile.height} tile does not fit in {self.device} memory; give "
+                               "a smaller --tile"), torch.inference_mode():
+                out = pipe(**kwargs).images[0]  # (height*scale, width*scale, 3), 0..1
+            check_finite(out, self.dtype, f"tile {number + 1} of {len(tiles)}")
             weights = feather_weights(tile, tiles, scale)[:, :, None]
             ys, xs = tile.y * scale, tile.x * scale
             canvas[ys:ys + out.shape[0], xs:xs + out.shape[1]] += out * weights
@@ -412,7 +411,7 @@ def upscale_file(upscaler: Upscaler, request: UpscaleRequest, on_step: StepCallb
             prompt, prompt_source = "", "none"
     plan = plan or upscaler.plan(request, source.size)
     image = upscaler.upscale(source.rgb, plan, prompt, request.negative_prompt, on_step)
-    scheduler = type(upscaler.pipe.scheduler).__name__
+    scheduler = scheduler_name(upscaler.pipe.scheduler)  # as generate records it: our short name, else the class
     settings = {
         "task": "upscale", "prompt": prompt, "prompt_source": prompt_source,
         "negative_prompt": request.negative_prompt or None, "seed": plan["seed"], "steps": plan["steps"],

@@ -32,7 +32,8 @@ from pydantic import BaseModel, ConfigDict
 from dallecli import __version__
 from dallecli.serve.config import MAX_A1111_IMAGES
 from dallecli.serve.errors import bad_request, parse_json
-from dallecli.serve.openai_api import check_prompt, check_side, log_ignored
+from dallecli.serve.checks import A1111_FIELDS, check_side
+from dallecli.serve.openai_api import check_prompt, log_ignored
 from dallecli.serve.service import ServerState, generate, resolve
 
 log = logging.getLogger("dallecli.serve")
@@ -134,7 +135,7 @@ async def txt2img(request: Request) -> dict:
         seed=body.seed, steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
         scheduler=scheduler_for(body.sampler_name or body.sampler_index, body.scheduler),
     )
-    made = await generate(state, override or state.a1111_model, generation, body.batch_size)
+    made = await generate(state, override or state.a1111_model, generation, body.batch_size, A1111_FIELDS)
     return _answer(body, made)
 
 
@@ -183,7 +184,7 @@ async def img2img(request: Request) -> dict:
         task="inpaint" if mask is not None else "img2img", image=image, mask=mask,
         strength=body.denoising_strength, mask_alpha="opaque",
     )
-    made = await generate(state, override or state.a1111_model, generation, body.batch_size)
+    made = await generate(state, override or state.a1111_model, generation, body.batch_size, A1111_FIELDS)
     return _answer(body, made)
 
 

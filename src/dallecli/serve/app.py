@@ -88,19 +88,17 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(config: ServeConfig, pool: EnginePool | None = None, batcher: Batcher | None = None) -> FastAPI:
+def create_app(config: ServeConfig, pool: EnginePool, batcher: Batcher) -> FastAPI:
     """The ``dalle serve`` application.
 
     Args:
         config: the server's settings.
-        pool: the engines (default: a new :class:`EnginePool` for ``config``; preload through it before serving).
-        batcher: the queue (default: a new :class:`Batcher`); its worker starts with the app and stops with it.
+        pool: the engines (the caller preloads the default model through it before serving).
+        batcher: the queue over ``pool``; its worker starts with the app and stops with it.
 
     Returns:
         A FastAPI app with the OpenAI, AUTOMATIC1111 and page routes under :data:`app.state.dalle`.
     """
-    pool = pool or EnginePool(config)
-    batcher = batcher or Batcher(pool, config.out, config.max_queue, config.batch_window, config.max_batch)
     state = ServerState(config, pool, batcher)
 
     @asynccontextmanager

@@ -6,7 +6,6 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from dallecli.engine.request import MAX_PROMPT_CHARS  # noqa: F401 (gpt-image-1's limit; every command's)
 from dallecli.errors import UsageError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -24,7 +23,8 @@ class ServeConfig:
 
     Attributes:
         host, port: where to listen (port 0: any free port).
-        model: the default model (alias, repo id or folder; None: the user's default, else the embedded model);
+        model: the default model (alias, repo id or folder; None: the embedded model); ``dalle serve`` gives
+            ``--model``, else the user's default (``DALLE_MODEL``, the config file), as every command does.
             OpenAI's model names (``dall-e-3``, ...) mean it.
         out: folder the images are written to and ``/files`` serves.
         api_key: the key every API route asks for (``Authorization: Bearer KEY``), or None (loopback only).

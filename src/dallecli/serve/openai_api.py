@@ -36,9 +36,10 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
-from dallecli.engine.request import field_problem, nearest_multiples
+from dallecli.engine.request import field_problem
 from dallecli.serve.auth import file_signature
-from dallecli.serve.config import MAX_IMAGES, MAX_SIDE
+from dallecli.serve.checks import check_side
+from dallecli.serve.config import MAX_IMAGES
 from dallecli.serve.errors import bad_request, parse_json
 from dallecli.serve.service import ServerState, generate
 
@@ -79,7 +80,8 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"512x768"`` -> ``(512, 768)``; None or "auto" -> the model's own size.
 
     Raises:
-        ApiError: 400 for a malformed size, a side not a multiple of 8, or larger than :data:`MAX_SIDE`.
+        ApiError: 400 for a malformed size, a side not a multiple of 8, or larger than
+            :data:`~dallecli.serve.config.MAX_SIDE` (:func:`~dallecli.serve.checks.check_side`).
     """
     if size is None or size.strip().lower() == "auto":
         return None, None
@@ -91,21 +93,10 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
-def check_side(value: int | None, param: str) -> None:
-    """Raise a 400 for a side that is not a multiple of 8 between 8 and :data:`MAX_SIDE` pixels."""
-    if value is None:
-        return
-    if not 8 <= value <= MAX_SIDE:
-        raise bad_request(f"Invalid {param}: {value} pixels is out of range (8 to {MAX_SIDE})", param, "invalid_size")
-    if value % 8:
-        low, high = nearest_multiples(value)
-        raise bad_request(f"Invalid {param}: {value} is not a multiple of 8 (the nearest valid sizes are {low} and "
-                          f"{high})", param, "invalid_size")
-
-
 def check_prompt(prompt: str | None, param: str = "prompt") -> str:
     """The prompt, or a 400 when it is empty, too long or holds a control character (the engine's rule for every
-    command, :func:`dallecli.engine.request.field_problem`; a negative prompt is checked there too)."""
+    command, :func:`dallecli.engine.request.field_problem`; the negative prompt is checked with the other settings,
+    :func:`dallecli.serve.checks.check_settings`)."""
     if prompt is None or not prompt.strip():
         raise bad_request("The prompt is empty: give a non-empty prompt", param, "invalid_prompt")
     if problem := field_problem("prompt", prompt, label="The prompt"):

@@ -38,10 +38,10 @@ class EnginePool:
     """
 
     def __init__(self, config: ServeConfig, engine_factory=None):
-        from dallecli.config import user_default
-
         self.config = config
-        self.default_model = config.model or user_default("model")  # None: the embedded model
+        # as `dalle serve` chose it (--model, else the user's default): None is the embedded model, as for every
+        # command (dallecli.store.resolve.resolve_model)
+        self.default_model = config.model
         self._factory = engine_factory
         self._engines: dict[tuple, object] = {}
         self._by_name: dict[str | None, tuple] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dallecli.errors import DalleError
 from dallecli.serve.batcher import Batcher, QueueFull, ShuttingDown
+from dallecli.serve.checks import OPENAI_FIELDS, check_denoising, check_settings
 from dallecli.serve.config import MAX_SIDE, ServeConfig
 from dallecli.serve.errors import ApiError, from_dalle_error
 from dallecli.serve.pool import EnginePool
@@ -51,18 +52,34 @@ async def resolve(state: ServerState, model: str | None, task: str = "txt2img"):
         raise from_dalle_error(exc, "model") from None
 
 
-async def generate(state: ServerState, model: str | None, request, batch_size: int | None = None) -> Generated:
+async def generate(state: ServerState, model: str | None, request, batch_size: int | None = None,
+                   fields: dict[str, str] = OPENAI_FIELDS) -> Generated:
     """Make the images of ``request`` (a :class:`~dallecli.engine.request.GenerationRequest`; with an init image,
     mask and task for the image routes) with ``model``.
+
+    Args:
+        state: the server's state.
+        model: the request's model name (None: the server's default).
+        request: what to make.
+        batch_size: images per forward pass the client asked for (None: the batcher chooses).
+        fields: the request fields an error names (:data:`~dallecli.serve.checks.OPENAI_FIELDS` or
+            :data:`~dallecli.serve.checks.A1111_FIELDS`).
 
     Raises:
         ApiError: 400 bad settings, 404 unknown model, 503 queue full or shutting down, 500 a failed pass.
     """
     from starlette.concurrency import run_in_threadpool
 
+    check_settings(request, fields)
     engine = await resolve(state, model, request.resolved_task)
+
+    def plan():
+        if request.image is not None:
+            check_denoising(request, engine.defaults()["steps"] if request.steps is None else request.steps, fields)
+        return engine.plan(request)
+
     try:  # an init image or mask is read and checked here (a bad one: 400, nothing queued)
-        planned, seeds = await run_in_threadpool(engine.plan, request)
+        planned, seeds = await run_in_threadpool(plan)
     except DalleError as exc:
         raise from_dalle_error(exc) from None
     if max(planned.width, planned.height) > MAX_SIDE:  # the size of an init image, when none was asked for

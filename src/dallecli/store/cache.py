@@ -78,7 +78,7 @@ class RemovalPlan:
 def _family(folder: Path, spec: ModelSpec | None) -> str:
     if spec is not None:
         return spec.family
-    from dallecli.engine.loading import pipeline_class_name
+    from dallecli.weightfiles import pipeline_class_name
 
     return PIPELINE_FAMILIES.get(pipeline_class_name(folder) or "", "unknown")
 
@@ -175,7 +175,7 @@ def model_details(name: str, cache_dir: Path | None = None) -> dict:
         )
     pipeline_class = sample = None
     if cached:
-        from dallecli.engine.loading import default_size, pipeline_class_name
+        from dallecli.weightfiles import default_size, pipeline_class_name
 
         pipeline_class, sample = pipeline_class_name(cached[0].path), default_size(cached[0].path)
     return {

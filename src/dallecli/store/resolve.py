@@ -154,11 +154,11 @@ def resolve_model(name: str | None, cache_dir: Path | None = None, revision: str
                     f"{local.name} is a pickle checkpoint; dalle loads .safetensors only. Convert it or use a "
                     "diffusers folder with .safetensors weights"
                 )
-            # a single-file checkpoint: content-checked (pickles refused) and its family detected from the
-            # safetensors header now, so that an unsupported layout fails before anything loads
-            from dallecli.engine.single_file import detect, file_digest
+            # a single-file checkpoint: content-checked (pickles refused) and its family told from the safetensors
+            # header now, so that an unsupported layout fails before anything loads or is hashed
+            from dallecli.weightfiles import file_digest, single_file_family
 
-            detect(local)
+            single_file_family(local)
             return ResolvedModel(str(local), local.resolve(), None, file_digest(local), single_file=True)
         if not (local / "model_index.json").exists():
             raise ModelNotFoundError(f"{local} has no model_index.json; it is not a diffusers pipeline folder")

@@ -58,6 +58,7 @@ def train_autoencoder(
     *,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ):
     """Train an autoencoder on ``images`` and set its latent ``scaling_factor`` to 1 / latent std.
 
@@ -66,21 +67,23 @@ def train_autoencoder(
         config: architecture and optimisation settings.
         seed: seeds initialisation, batch order and noise.
         on_step: called as ``on_step(step, loss)`` after each step (1-based step).
+        device: where it trains ("cpu", "cuda"); batches and noise are drawn on the CPU from ``seed``, so the data
+            stream is the same on any device.
 
     Returns:
-        The trained ``AutoencoderTiny`` in eval mode.
+        The trained ``AutoencoderTiny`` in eval mode, on the CPU.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = build_autoencoder(config)
+    model = build_autoencoder(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.learning_rate, total_steps=config.steps)
     model.train()
     for step in range(1, config.steps + 1):
         index = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
-        batch = images[index].float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        batch = images[index].to(device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
         latents = model.encoder(batch)
-        noisy = latents + config.latent_noise * torch.randn(latents.shape, generator=generator)
+        noisy = latents + config.latent_noise * torch.randn(latents.shape, generator=generator).to(device)
         decoded = model.decoder(noisy)
         loss = F.mse_loss(decoded, batch) + 0.1 * F.l1_loss(decoded, batch) + 1e-4 * latents.pow(2).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -92,6 +95,7 @@ def train_autoencoder(
     model.eval()
     with torch.no_grad():
         sample = images[:2048].float() / 127.5 - 1.0
-        std = torch.cat([model.encoder(chunk) for chunk in sample.split(256)]).std().item()
+        std = torch.cat([model.encoder(chunk.to(device)) for chunk in sample.split(256)]).std().item()
+    model.to("cpu")
     model.register_to_config(scaling_factor=1.0 / std)
     return model

@@ -39,6 +39,7 @@ from dallecli.atomic import staged_folder
 from dallecli.engine.known_words import words_of
 from dallecli.training import shapes
 from dallecli.training.autoencoder import AutoencoderConfig, train_autoencoder
+from dallecli.training.clip_layout import write_hub_layout
 from dallecli.training.trainer import DenoiserTrainer, EncodedData, StepReport, TrainSettings
 from dallecli.training.vocabulary import build_clip_vocabulary
 from dallecli.training.worklog import work_log
@@ -295,11 +296,13 @@ def train_stage(name: str, unet, text_encoder, tokenizer, vae, noise_scheduler, 
 
 
 def save_pipeline(trainer: DenoiserTrainer, unet, text_encoder, tokenizer, vae, scheduler_config, folder: Path) -> None:
-    """Write the trainer's EMA weights as a safetensors pipeline folder (replacing ``folder``)."""
+    """Write the trainer's EMA weights as a safetensors pipeline folder (replacing ``folder``), the text encoder in
+    the Hub's key layout (:mod:`dallecli.training.clip_layout`)."""
     with trainer.averaged_weights():
         pipe = make_pipeline(unet.eval(), text_encoder.eval(), tokenizer, vae, dict(scheduler_config))
         shutil.rmtree(folder, ignore_errors=True)
         pipe.save_pretrained(folder, safe_serialization=True)
+    write_hub_layout(Path(folder) / "text_encoder")  # loadable by every transformers in our range
 
 
 def sample_grid(pipe, prompts: list[str], seeds, steps: int = 20, guidance: float = 4.0):

@@ -59,7 +59,8 @@ from dallecli.training.worklog import work_log
 
 SUBJECT = "emoji (Noto) of everyday things on plain or gradient backgrounds, at a size and a position"
 MAX_TOKENS = 32  # the longest caption of the emoji world is ~24 tokens (checked at build time)
-COMPACT_WEIGHTS = "compact.safetensors"
+COMPACT_WEIGHTS = "compact.safetensors"  # the current weights, float16
+COMPACT_EMA = "compact-ema.safetensors"  # their EMA, float16: two files, each under a 16 MiB transfer limit
 COMPACT_RECORD = "compact.json"
 SAMPLE_PROMPTS = [  # the issue's "done when" prompts, for the contact sheet at the end
     "a red circle on a blue background",
@@ -82,6 +83,7 @@ class ModelSize:
     text_hidden: int = 128
     text_layers: int = 2
     ae_channels: tuple[int, int, int] = (32, 32, 32)
+    latent_channels: int = 4
 
 
 @dataclass(frozen=True)
@@ -130,15 +132,16 @@ def longest_caption_tokens(tokenizer, captions: list[str]) -> int:
     return max(len(ids) for ids in tokenizer(captions).input_ids)
 
 
-def train_or_load_vae(work: Path, images: np.ndarray, config: AutoencoderConfig, seed: int, say):
-    """Stage 3a: the autoencoder from ``work``/vae, trained there first if missing."""
+def train_or_load_vae(work: Path, images: np.ndarray, config: AutoencoderConfig, seed: int, say,
+                      device: str = "cpu"):
+    """Stage 3a: the autoencoder from ``work``/vae (on the CPU), trained there first (on ``device``) if missing."""
     from diffusers import AutoencoderTiny
 
     if (work / "vae" / "config.json").exists():
         return AutoencoderTiny.from_pretrained(work / "vae", use_safetensors=True).eval()
     started = time.time()
     chw = torch.from_numpy(images).permute(0, 3, 1, 2)  # (N, 3, 64, 64) uint8 view
-    vae = train_autoencoder(chw, config, seed=seed, on_step=lambda s, l: s % 100 == 0 and say(
+    vae = train_autoencoder(chw, config, seed=seed, device=device, on_step=lambda s, l: s % 100 == 0 and say(
         f"autoencoder step {s}/{config.steps} loss {l:.5f} ({time.time() - started:.0f} s)"))
     with staged_folder(work / "vae") as staging:
         vae.save_pretrained(staging, safe_serialization=True)
@@ -154,8 +157,9 @@ def autoencoder_psnr(vae, images: np.ndarray, count: int = 512) -> float:
     return 10 * math.log10(1 / mse)
 
 
-def load_or_encode(work: Path, vae, images: np.ndarray) -> torch.Tensor:
-    """Stage 3b: every image's latents, (N, 4, 16, 16) float32 times the scaling factor, encoded once."""
+def load_or_encode(work: Path, vae, images: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """Stage 3b: every image's latents, (N, C, 16, 16) float32 on the CPU times the scaling factor, encoded once
+    (on ``device``; ``vae`` is left on the CPU)."""
     from safetensors.torch import load_file, save_file
 
     path = work / "latents.safetensors"
@@ -164,16 +168,36 @@ def load_or_encode(work: Path, vae, images: np.ndarray) -> torch.Tensor:
         if latents.shape[0] == images.shape[0]:
             return latents
     chunks = []
+    vae.to(device)
     with torch.no_grad():
         for start in range(0, len(images), 256):
-            batch = torch.from_numpy(images[start:start + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            chunks.append(vae.encode(batch).latents)
+            batch = torch.from_numpy(images[start:start + 256]).permute(0, 3, 1, 2).to(device).float() / 127.5 - 1
+            chunks.append(vae.encode(batch).latents.cpu())
+    vae.to("cpu")
     latents = (torch.cat(chunks) * vae.config.scaling_factor).contiguous()  # (N, 4, 16, 16)
     with staged_file(work, ".safetensors", what=str(path)) as staging:  # safetensors writes to a path
         save_file({"latents": latents}, staging)
         default_mode(staging)  # safetensors' writer makes it 0600
         place(staging, path)
     return latents
+
+
+def evenly_spaced(concepts: list, count: int) -> list:
+    """``count`` concepts taken at an even stride through ``concepts`` (which are in emoji order, so every
+    category keeps its share), the coloured shapes always kept so that the shapes world's prompts stay drawable.
+
+    Raises:
+        ValueError: ``count`` is below the number of coloured shapes or above ``len(concepts)``.
+    """
+    from dallecli.training.emoji_source import SHAPE_EMOJI
+
+    shapes = [c for c in concepts if c.id in SHAPE_EMOJI]
+    others = [c for c in concepts if c.id not in SHAPE_EMOJI]
+    if not len(shapes) <= count <= len(concepts):
+        raise ValueError(f"a subset must hold {len(shapes)}..{len(concepts)} concepts, not {count}")
+    wanted = count - len(shapes)
+    chosen = {others[int(i * len(others) / wanted)].id for i in range(wanted)} if wanted else set()
+    return [c for c in concepts if c.id in chosen or c.id in SHAPE_EMOJI]
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -273,17 +297,21 @@ def plot_curve(rows: list[dict], width: int = 480, height: int = 240):
 # ---------------------------------------------------------------------------------------------- compact checkpoints
 
 def save_compact(folder: Path, trainer: DenoiserTrainer, record: dict, work: Path) -> Path:
-    """Write a committable checkpoint: float16 EMA and current weights (``compact.safetensors``, in the
-    trainer's parameter order), the VAE and tokenizer it trained with, and ``compact.json`` (step, settings)."""
+    """Write a committable checkpoint: float16 current weights (``compact.safetensors``, in the trainer's
+    parameter order) and their EMA (``compact-ema.safetensors``), the VAE and tokenizer it trained with, and
+    ``compact.json`` (step, settings)."""
     from safetensors.torch import save_file
 
-    tensors = {f"param.{i:04d}": p.detach().to(torch.float16).contiguous() for i, p in enumerate(trainer.parameters)}
+    def half(tensors) -> dict:
+        return {f"{i:04d}": t.detach().to("cpu", torch.float16).contiguous() for i, t in enumerate(tensors)}
+
+    files = {COMPACT_WEIGHTS: half(trainer.parameters)}
     if trainer.ema is not None:
-        for i, shadow in enumerate(trainer.ema.shadow_params):
-            tensors[f"ema.{i:04d}"] = shadow.detach().to(torch.float16).contiguous()
+        files[COMPACT_EMA] = half(trainer.ema.shadow_params)
     with staged_folder(folder, what=f"compact checkpoint in {folder}") as staging:
-        save_file(tensors, staging / COMPACT_WEIGHTS, metadata={"step": str(trainer.step), "format": "pt"})
-        default_mode(staging / COMPACT_WEIGHTS)  # safetensors' writer makes it 0600
+        for name, tensors in files.items():
+            save_file(tensors, staging / name, metadata={"step": str(trainer.step), "format": "pt"})
+            default_mode(staging / name)  # safetensors' writer makes it 0600
         shutil.copytree(work / "vae", staging / "vae")
         shutil.copytree(work / "tokenizer", staging / "tokenizer")
         (staging / COMPACT_RECORD).write_text(json.dumps(dict(record, step=trainer.step), indent=2) + "\n",
@@ -314,16 +342,21 @@ def load_compact(folder: Path, trainer: DenoiserTrainer) -> int:
     from safetensors.torch import load_file
 
     tensors = load_file(folder / COMPACT_WEIGHTS)
+    averaged = load_file(folder / COMPACT_EMA) if (folder / COMPACT_EMA).exists() else tensors
+    if "param.0000" in tensors:  # the first layout: both in one file, keys "param.NNNN" and "ema.NNNN"
+        averaged = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or None
+        tensors = {k[6:]: v for k, v in tensors.items() if k.startswith("param.")}
+        averaged = averaged or tensors
     step = json.loads((folder / COMPACT_RECORD).read_text(encoding="utf-8"))["step"]
-    params = [tensors[f"param.{i:04d}"] for i in range(len(trainer.parameters))]
-    if any(a.shape != b.shape for a, b in zip(params, trainer.parameters)) or f"param.{len(params):04d}" in tensors:
+    count = len(trainer.parameters)
+    if len(tensors) != count or any(tensors[f"{i:04d}"].shape != p.shape for i, p in enumerate(trainer.parameters)):
         raise ValueError(f"compact checkpoint {folder} was made for a different model size")
     with torch.no_grad():
-        for param, value in zip(trainer.parameters, params):
-            param.copy_(value.float())
+        for i, param in enumerate(trainer.parameters):
+            param.copy_(tensors[f"{i:04d}"].float())
         if trainer.ema is not None:
             for i, shadow in enumerate(trainer.ema.shadow_params):
-                shadow.copy_(tensors.get(f"ema.{i:04d}", params[i]).float())
+                shadow.copy_(averaged[f"{i:04d}"].float())
             trainer.ema.optimization_step = step
     trainer.step = step
     trainer.generator.manual_seed(trainer.settings.seed + step)
@@ -350,7 +383,7 @@ class Run:
     say: object
     eval_every: int
     deadline: float | None
-    stop_requested: list = field(default_factory=lambda: [False])
+    stop_requested: list = field(default_factory=lambda: [False, False])  # [asked to stop, loop running]
 
 
 def train(run: Run, unet, text_encoder, tokenizer, vae, noise_scheduler, data: EncodedData,
@@ -376,6 +409,7 @@ def train(run: Run, unet, text_encoder, tokenizer, vae, noise_scheduler, data: E
         started = time.time()
         with trainer.averaged_weights():
             pipe = make_pipeline(unet.eval(), text_encoder.eval(), tokenizer, vae, noise_scheduler.config)
+            pipe.to(trainer.accelerator.device)  # the VAE joins the UNet and text encoder (a no-op on the CPU)
             prompts = [prompt for _, prompt in run.eval_scenes]
             images = generate(pipe, prompts, run.eval_settings.steps, run.eval_settings.guidance)
         unet.train()
@@ -416,6 +450,7 @@ def train(run: Run, unet, text_encoder, tokenizer, vae, noise_scheduler, data: E
     def on_save(step: int) -> None:
         save_all()
 
+    run.stop_requested[1] = True  # from here a signal ends the loop cleanly at the next step (on_step)
     try:
         trainer.run(on_step=on_step, on_save=on_save)
     except StopTraining:
@@ -466,11 +501,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="go on from a compact checkpoint when --work has no full checkpoint")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="emoji sources (emoji_source)")
     parser.add_argument("--concepts", choices=sorted(SELECTIONS), default="core")
+    parser.add_argument("--subset", type=int, default=0,
+                        help="train on this many concepts of the selection, evenly spaced, the coloured shapes "
+                             "always among them (0: all); for feasibility runs")
     parser.add_argument("--judge", type=Path, default=Path("build/emoji-judge"), help="the emoji judge folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=40_000)
     parser.add_argument("--ae-steps", type=int, default=1500)
     parser.add_argument("--ae-channels", type=int, default=32)
+    parser.add_argument("--latent-channels", type=int, default=4, help="channels of the 16x16 latents")
+    parser.add_argument("--ae-batch-size", type=int, default=16)
     parser.add_argument("--unet-channels", default="48,96,112")
     parser.add_argument("--text-hidden", type=int, default=128)
     parser.add_argument("--text-layers", type=int, default=2)
@@ -485,7 +525,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-steps", type=int, default=20, help="sampler steps of the evaluation images")
     parser.add_argument("--time-limit", type=float, default=None, help="minutes of training, then a clean stop")
     parser.add_argument("--prepare-only", action="store_true", help="stop after the latents (stages 1-3)")
+    parser.add_argument("--pipeline-on-stop", action="store_true",
+                        help="write the pipeline folder also when the time limit or a signal ends the training early "
+                             "(a machine lent for minutes: what it reached comes back usable)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                        help="the UNet and text encoder's training precision (accelerate); bf16 on a GPU")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -493,9 +538,11 @@ def main(argv: list[str] | None = None) -> None:
     say = work_log(work, sys.stderr)
 
     started = time.time()
-    stop = [False]
+    stop = [False, False]  # [asked to stop, the training loop is running and will stop itself]
 
     def request_stop(signum, frame) -> None:
+        if not stop[1]:  # the data stages write atomically and cache what they finished: nothing to save
+            raise SystemExit(128 + signum)
         stop[0] = True
 
     previous = {number: signal.signal(number, request_stop) for number in (signal.SIGTERM, signal.SIGINT)}
@@ -513,7 +560,7 @@ def _build(args, argv, say, started: float, stop: list) -> Path | None:
     work: Path = args.work
     deadline = started + 60 * args.time_limit if args.time_limit else None
     size = ModelSize(tuple(int(c) for c in args.unet_channels.split(",")), args.text_hidden, args.text_layers,
-                     (args.ae_channels,) * 3)
+                     (args.ae_channels,) * 3, args.latent_channels)
     compact_record = None
     if args.resume_from_compact is not None:
         compact_record = seed_work_from_compact(args.resume_from_compact, work)
@@ -521,6 +568,8 @@ def _build(args, argv, say, started: float, stop: list) -> Path | None:
 
     # 1-2. data and vocabulary
     concepts = load_concepts(args.cache, args.concepts)
+    if args.subset:
+        concepts = evenly_spaced(concepts, args.subset)
     images, captions = load_or_render(work, args.images, concepts, args.seed)
     if not (work / "tokenizer" / "vocab.json").exists():
         build_clip_vocabulary(captions, work / "tokenizer")
@@ -532,10 +581,12 @@ def _build(args, argv, say, started: float, stop: list) -> Path | None:
         f"tokens, longest caption {longest} tokens")
 
     # 3. autoencoder, then latents
-    ae_config = AutoencoderConfig(block_out_channels=size.ae_channels, steps=args.ae_steps)
-    vae = train_or_load_vae(work, images, ae_config, args.seed, say)
+    ae_config = AutoencoderConfig(block_out_channels=size.ae_channels, latent_channels=size.latent_channels,
+                                  steps=args.ae_steps, batch_size=args.ae_batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer's (accelerate's) choice too
+    vae = train_or_load_vae(work, images, ae_config, args.seed, say, device)
     say(f"autoencoder PSNR on 512 training images: {autoencoder_psnr(vae, images):.1f} dB")
-    latents = load_or_encode(work, vae, images)
+    latents = load_or_encode(work, vae, images, device)
     say(f"latents {tuple(latents.shape)}")
     if args.prepare_only:
         return None
@@ -563,11 +614,13 @@ def _build(args, argv, say, started: float, stop: list) -> Path | None:
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, warmup_steps=200,
         seed=args.seed, caption_dropout=0.1, ema_max_decay=0.9995, snr_gamma=5.0, snr_floor=1.0,
         high_noise_fraction=args.high_noise_fraction, save_every=args.save_every, weight_decay=0.0,
+        mixed_precision=args.mixed_precision,
     )
     eval_settings = EvalSettings(concepts=args.eval_concepts, per_concept=args.eval_per_concept,
                                  steps=args.eval_steps)
     record = {
-        "data_seed": args.seed, "images": args.images, "concepts": args.concepts, "size": asdict(size),
+        "data_seed": args.seed, "images": args.images, "concepts": args.concepts, "subset": args.subset,
+        "concept_count": len(concepts), "size": asdict(size),
         "trainer": asdict(settings), "eval": asdict(eval_settings), "autoencoder": asdict(ae_config),
         "max_tokens": MAX_TOKENS, "code_version": code_version(), "torch": torch.__version__,
     }
@@ -582,7 +635,8 @@ def _build(args, argv, say, started: float, stop: list) -> Path | None:
                           args.resume_from_compact)
     if step < settings.steps:
         say(f"stopped at step {step}/{settings.steps}; run the same command to go on")
-        return None
+        if not args.pipeline_on_stop:
+            return None
 
     # 6. the pipeline, with how it was made
     with staged_folder(args.out) as staging:
@@ -593,7 +647,7 @@ def _build(args, argv, say, started: float, stop: list) -> Path | None:
             curve=read_curve(work), wall_time_s=round(time.time() - started))
         (staging / "training.json").write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(work / "log.txt", staging / "training-log.txt")
-    pipe = make_pipeline(unet, text_encoder, tokenizer, vae, scheduler_config)
+    pipe = make_pipeline(unet, text_encoder, tokenizer, vae, scheduler_config).to(trainer.accelerator.device)
     with trainer.averaged_weights():
         save_png(sample_grid(pipe, SAMPLE_PROMPTS, seeds=range(4)), work / f"samples-{step:07d}.png")
     say(f"wrote {args.out} ({step} steps, {time.time() - started:.0f} s)")

@@ -425,13 +425,41 @@ def category_counts(concepts: list[Concept]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def bundle_selection(cache: Path, folder: Path, selection: str) -> int:
+    """Copy what :func:`load_concepts` reads for ``selection`` (the two JSON files, the licences and the
+    selection's 64x64 PNGs only, ~2 MB for "core" against ~100 MB unpacked) into ``folder``, laid out as a cache,
+    for a machine that cannot reach npm (a GPU machine that is sent the working tree, say).
+
+    Returns:
+        The number of images copied.
+
+    Raises:
+        EmojiSourceError: ``cache`` has not been filled.
+    """
+    concepts = load_concepts(cache, selection)
+    with staged_folder(Path(folder), what=f"emoji source bundle {folder}") as staging:
+        for source in SOURCES:
+            shutil.copytree(Path(cache) / source.stem, staging / source.stem,
+                            ignore=shutil.ignore_patterns("img"))  # the images: the selection's only, below
+        images = staging / GOOGLE.stem / "package" / "img" / "google" / "64"
+        images.mkdir(parents=True)
+        for concept in concepts:
+            shutil.copyfile(concept.image, images / concept.image.name)
+        shutil.copyfile(Path(cache) / "sources.json", staging / "sources.json")
+    return len(concepts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fetch the emoji sources (npm) and list the concepts kept.")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--selection", choices=sorted(SELECTIONS), default="everyday")
     parser.add_argument("--list", action="store_true", help="print every kept concept")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="also copy the selection's sources into this folder (a cache to carry elsewhere)")
     args = parser.parse_args(argv)
     fetch_sources(args.cache)
+    if args.bundle is not None:
+        print(f"{bundle_selection(args.cache, args.bundle, args.selection)} images bundled in {args.bundle}")
     concepts = load_concepts(args.cache, args.selection)
     if args.list:
         for c in concepts:

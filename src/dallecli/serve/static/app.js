@@ -8,6 +8,8 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORE = "dalle.apiKey";
 const GALLERY_SIZE = 24;
 const POLL_MS = 300;
+// Shown instead of the server's 401 while no key has been typed: nothing was refused yet, the server asks for one.
+const KEY_PROMPT = "This server asks for an API key: enter it above.";
 
 // What a card shows of an image's settings, in this order (size is built from width and height).
 const SHOWN = [
@@ -16,7 +18,7 @@ const SHOWN = [
 ];
 
 // Every call to the server goes through here: it adds the bearer key and turns an error response into an
-// Error carrying the server's own message (OpenAI shape: {"error": {"message": ...}}).
+// Error carrying the server's own message (OpenAI shape: {"error": {"message": ...}}) and the HTTP status.
 async function api(url, options = {}) {
   const headers = { ...options.headers };
   const key = $("api-key").value.trim();
@@ -33,13 +35,25 @@ async function api(url, options = {}) {
       const body = await response.json();
       if (body && body.error && body.error.message) message = body.error.message;
     } catch (_) { /* not JSON: keep the status line */ }
-    throw new Error(message);
+    throw Object.assign(new Error(message), { status: response.status });
   }
   return response;
 }
 
 function showError(message) {
   $("error").textContent = message || "";
+  $("error").classList.remove("notice");
+}
+
+// A failed call: the server's message, except a 401 while the key field is empty, which asks for the key
+// (neutrally: no key was refused yet). Once a typed key is refused, the server's message says so.
+function showFailure(error) {
+  if (error.status === 401 && !$("api-key").value.trim()) {
+    $("error").textContent = KEY_PROMPT;
+    $("error").classList.add("notice");
+  } else {
+    showError(error.message);
+  }
 }
 
 // ---- models --------------------------------------------------------------------------------------------
@@ -53,7 +67,7 @@ async function loadModels() {
     for (const model of data) select.add(new Option(model.id, model.id));
     chooseModel(chosen);
   } catch (e) {
-    showError(e.message);
+    showFailure(e);
   }
 }
 
@@ -153,7 +167,7 @@ async function generate(event) {
     const { data } = await response.json();
     await loadGallery(data.map((image) => new URL(image.url, location.href).pathname));
   } catch (e) {
-    showError(e.message);
+    showFailure(e);
   } finally {
     stop();
     button.disabled = false;
@@ -170,7 +184,7 @@ async function loadGallery(freshPaths = []) {
     $("gallery").replaceChildren(...cards);
     $("gallery-empty").hidden = images.length > 0;
   } catch (e) {
-    showError(e.message);
+    showFailure(e);
   }
 }
 
