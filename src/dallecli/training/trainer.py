@@ -252,7 +252,8 @@ class DenoiserTrainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(ema_parameters or parameters, decay=settings.ema_max_decay,
-                                use_ema_warmup=True, power=2 / 3)
+                                use_ema_warmup=True, power=2 / 3,
+                                foreach=True)  # one fused update, not a Python loop over the tensors
         self.generator = torch.Generator().manual_seed(settings.seed)  # the data index stream, same on every rank
         self.rank = self.accelerator.process_index
         self.noise_generator = torch.Generator().manual_seed(rank_seed(settings.seed, self.rank))
