@@ -407,17 +407,27 @@ class Engine:
                 :func:`dallecli.engine.tasks.prepare_inputs` and :meth:`check_task`.
         """
         validate_request(request)
+        request = self._completed(request)
+        for spec in request.loras:  # a LoRA that is missing, not downloaded or not safetensors fails before loading
+            verify_safetensors(resolve_lora(spec.path, self.cache_dir)[0])
+        seed = random_seed() if request.seed in (None, RANDOM_SEED) else request.seed
+        request = replace(request, seed=seed, batch_size=request.batch_size or 1)
+        return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
+
+    def _completed(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with the input image's size and the model's defaults filled in, checked by every rule that
+        needs no weights (the request's ranges, the scheduler's name and plan, the clip skip), before anything loads.
+
+        Raises:
+            UsageError: see :meth:`plan`.
+        """
         validate_scheduler(request.scheduler)
         request = self._with_input_size(request)
         request = request.with_defaults(self.defaults())
         validate_request(request)
         self.check_scheduler(request.scheduler, request.steps)
         self.check_clip_skip(request.clip_skip)
-        for spec in request.loras:  # a LoRA that is missing, not downloaded or not safetensors fails before loading
-            verify_safetensors(resolve_lora(spec.path, self.cache_dir)[0])
-        seed = random_seed() if request.seed in (None, RANDOM_SEED) else request.seed
-        request = replace(request, seed=seed, batch_size=request.batch_size or 1)
-        return request, [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
+        return request
 
     def scheduler_config(self) -> dict | None:
         """The model's own scheduler config, read from JSON alone (no weights): a folder's
@@ -746,12 +756,7 @@ class Engine:
         for prompt, seed in items:
             validate_request(replace(request, prompt=prompt, num_images=1, seed=seed))
         request = replace(request, prompt=items[0][0], num_images=len(items), seed=None, batch_size=None)
-        validate_scheduler(request.scheduler)
-        request = self._with_input_size(request)
-        request = request.with_defaults(self.defaults())
-        validate_request(request)
-        self.check_scheduler(request.scheduler, request.steps)  # before the model loads
-        self.check_clip_skip(request.clip_skip)
+        request = self._completed(request)
         scheduler = self._use_scheduler(request.scheduler)
         check_steps(self.pipe.scheduler, request.steps)
         loras = self._use_loras(request.loras)
