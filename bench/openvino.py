@@ -15,6 +15,9 @@ below what dallecli uses), given by ``--ov-python`` (default /work/ovenv/bin/pyt
 Arms, each in its own child process, alternating (A B C D A B C D ...), median of ``--repeats``:
 - ``diffusers fp32``: ``DiffusionPipeline`` in float32, this environment: the quality reference;
 - ``dalle auto``: ``Engine(folder)`` as ``dalle generate`` runs it (dtype auto, dallecli's thread policy);
+- ``dalle openvino`` and ``dalle openvino fp32``: ``Engine(folder, backend="openvino")`` as ``dalle generate
+  --backend openvino`` runs it (this environment, the ``openvino`` package alone; precision auto, or float32),
+  its export kept in build/bench/dalle-cache;
 - ``openvino fp32``: ``OVDiffusionPipeline`` from the exported IR, ``INFERENCE_PRECISION_HINT`` f32;
 - ``openvino int8w``: the same IR with its weights compressed to int8 by NNCF (data-free), activations f32;
 - ``openvino default``: the fp32 IR at the CPU plugin's default precision, only where that is not f32
@@ -89,8 +92,13 @@ def child_torch(spec: dict) -> dict:
         from dallecli.engine.generate import Engine
         from dallecli.engine.request import GenerationRequest
 
-        engine = Engine(spec["model"], "cpu", None)
+        if spec.get("dalle_cache"):  # dalle's own export (``--backend openvino``) is kept between runs here
+            os.environ["DALLE_CACHE"] = spec["dalle_cache"]
+        engine = Engine(spec["model"], "cpu", spec.get("dtype"), backend=spec.get("backend"))
         pipe = engine.pipe
+        if engine.openvino is not None:
+            extra.update(precision=engine.openvino.precision, exported_now=engine.openvino.exported,
+                         export_s=engine.openvino.export_s, compile_s=engine.openvino.compile_s)
         request = GenerationRequest(PROMPT, seed=SEED, steps=STEPS, guidance_scale=GUIDANCE, width=size, height=size)
         # dalle draws its noise from a CPU generator seeded with the request's seed: the same tensor as latents=
         extra["latents_match"] = bool(torch.equal(
@@ -98,7 +106,7 @@ def child_torch(spec: dict) -> dict:
 
         def one(steps):
             return np.asarray(next(engine.generate(replace(request, steps=steps))).image)
-        dtype = engine.dtype
+        dtype = engine.openvino.precision if engine.openvino is not None else engine.dtype
     else:
         from diffusers import DiffusionPipeline
 
@@ -343,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     exported = export(args, model)
 
     common = {"model": str(model), "size": args.size, "latents": str(work / "latents.npy")}
+    dalle_cache = str(ROOT / "build" / "bench" / "dalle-cache")
     arms = [("torch", {"arm": "diffusers fp32"}), ("torch", {"arm": "dalle auto"}),
+            ("torch", {"arm": "dalle openvino", "backend": "openvino", "dalle_cache": dalle_cache}),
+            ("torch", {"arm": "dalle openvino fp32", "backend": "openvino", "dtype": "float32",
+                       "dalle_cache": dalle_cache}),
             ("openvino", {"arm": "openvino fp32", "ir": exported["fp32"], "precision": "f32", "weights": "float32"}),
             ("openvino", {"arm": "openvino int8w", "ir": exported["int8"], "precision": "f32", "weights": "int8"})]
     if ov_env["cpu_default_precision"] != "f32":
@@ -379,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[arm] = row
     base = summary["diffusers fp32"]["image_s"]
     good = {arm: r for arm, r in summary.items() if r["psnr_db"] >= QUALITY_DB}
-    best_torch = min((a for a in good if not a.startswith("openvino")), key=lambda a: good[a]["image_s"])
-    best_ov = min((a for a in good if a.startswith("openvino")), key=lambda a: good[a]["image_s"], default=None)
+    pytorch_arms = ("diffusers fp32", "dalle auto")
+    best_torch = min((a for a in good if a in pytorch_arms), key=lambda a: good[a]["image_s"])
+    best_ov = min((a for a in good if a not in pytorch_arms), key=lambda a: good[a]["image_s"], default=None)
     speedup = good[best_torch]["image_s"] / good[best_ov]["image_s"] if best_ov else None
     load_after = os.getloadavg()
     results_json = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),

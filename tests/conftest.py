@@ -26,7 +26,7 @@ def isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(home / "config"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
     monkeypatch.setenv("XDG_DATA_HOME", str(home / "data"))
-    for name in ("DALLE_DEBUG", "DALLE_MODEL", "DALLE_DEVICE", "DALLE_DTYPE", "DALLE_OUTPUT_DIR"):
+    for name in ("DALLE_DEBUG", "DALLE_MODEL", "DALLE_DEVICE", "DALLE_DTYPE", "DALLE_OUTPUT_DIR", "DALLE_BACKEND"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return home

@@ -8,6 +8,7 @@ variable ``DALLE_<KEY>``, the config file, the built-in default. Keys (:data:`CO
     device       DALLE_DEVICE       default device (auto, cpu, cuda, cuda:N, mps).
     dtype        DALLE_DTYPE        default dtype (auto, float32, float16, bfloat16).
     scheduler    DALLE_SCHEDULER    default scheduler (euler, dpm++, ...; otherwise the model's).
+    backend      DALLE_BACKEND      what runs the UNet and VAE decoder on the CPU (torch, openvino).
     progress     DALLE_PROGRESS     progress display (auto, bar, plain, none) of every command that shows one.
 
 Other environment variables:
@@ -39,7 +40,7 @@ from pathlib import Path
 
 from dallecli.errors import UsageError
 
-CONFIG_KEYS = ("model", "output_dir", "device", "dtype", "scheduler", "progress")
+CONFIG_KEYS = ("model", "output_dir", "device", "dtype", "scheduler", "progress", "backend")
 PROGRESS_MODES = ("auto", "bar", "plain", "none")
 CONFIG_NAME = "config.toml"
 
@@ -124,7 +125,7 @@ def parse_threads(value: str | None, variable: str = "DALLE_THREADS") -> int | N
 def environment_problems() -> list[str]:
     """Bad values in the ``DALLE_*`` variables and the config file's settings, checked without importing torch
     or diffusers: ``DALLE_THREADS``, ``DALLE_PROGRESS``/``progress``, ``DALLE_DEVICE``/``device``,
-    ``DALLE_DTYPE``/``dtype`` and ``DALLE_SCHEDULER``/``scheduler`` (a short name, or a name shaped like a
+    ``DALLE_DTYPE``/``dtype``, ``DALLE_BACKEND``/``backend`` and ``DALLE_SCHEDULER``/``scheduler`` (a short name, or a name shaped like a
     diffusers class, which is looked up when it is used). A config file that cannot be read is left to
     :func:`file_config`'s error.
 
@@ -132,6 +133,7 @@ def environment_problems() -> list[str]:
         One sentence per bad value, naming its variable (or the file and key) and what to give instead.
     """
     from dallecli.engine.device import check_device_name, normalize_dtype
+    from dallecli.engine.ov_backend import normalize_backend
     from dallecli.engine.schedulers import check_scheduler_name
 
     problems = []
@@ -144,7 +146,7 @@ def environment_problems() -> list[str]:
     except UsageError:
         settings = {}
     checks = {"device": check_device_name, "dtype": normalize_dtype, "scheduler": check_scheduler_name,
-              "progress": check_progress_mode}
+              "progress": check_progress_mode, "backend": normalize_backend}
     for key, check in checks.items():
         value = env_default(key) or settings.get(key)
         if value is None:

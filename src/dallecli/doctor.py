@@ -16,7 +16,7 @@ from pathlib import Path
 PACKAGES = ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", "accelerate", "peft",
             "typer", "pillow")
 BUILT_IN = {"model": "shapes", "output_dir": "dalle-out", "device": "auto", "dtype": "auto", "scheduler": None,
-            "progress": "auto"}
+            "progress": "auto", "backend": "torch"}
 LOW_DISK_BYTES = 10 * 1000**3  # below this, a model download (2-25 GB) may not fit
 
 

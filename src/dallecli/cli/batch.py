@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import Interrupted, handles_errors
-from dallecli.cli.options import (CacheDir, ClipSkip, Device, Dtype, Guidance, Height, ImageFormat, KeepCandidates,
-                                  LowMemory, Model, NegativePrompt, Progress, Quality, Rerank, Revision, Scheduler,
-                                  Scorer, Steps, Vae, Width)
+from dallecli.cli.options import (Backend, CacheDir, ClipSkip, Device, Dtype, Guidance, Height, ImageFormat,
+                                  KeepCandidates, LowMemory, Model, NegativePrompt, Progress, Quality, Rerank, Revision,
+                                  Scheduler, Scorer, Steps, Vae, Width)
 
 
 @handles_errors
@@ -35,6 +35,7 @@ def batch(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass, across prompts with the same settings; seeds do not depend on it.")] = 4,
     device: Device = None,
     dtype: Dtype = None,
+    backend: Backend = None,
     vae: Vae = None,
     low_memory: LowMemory = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of the paths.")] = False,
@@ -115,7 +116,8 @@ def batch(
     from dallecli.engine.generate import Engine
 
     engine = Engine(model or user_default("model"), user_device(shard_device(device, env_shard)),
-                    dtype or user_default("dtype"), cache_dir, vae=vae, low_memory=low_memory, revision=revision)
+                    dtype or user_default("dtype"), cache_dir, vae=vae, low_memory=low_memory, revision=revision,
+                    backend=backend or user_default("backend"))
     for notice in engine.notices:
         info(notice)
     folder = prepare_output_folder(out or default_output_dir())

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import (BatchSize, CacheDir, ClipSkip, Device, Dtype, Guidance, Height, ImageFormat,
+from dallecli.cli.options import (Backend, BatchSize, CacheDir, ClipSkip, Device, Dtype, Guidance, Height, ImageFormat,
                                   JsonOutput, KeepCandidates, LowMemory, Model, NegativePrompt, NumImages, OutFolder,
                                   Progress, Quality, Rerank, Revision, Scheduler, Scorer, Seed, Steps, Strength, Vae,
                                   Width)
@@ -35,6 +35,7 @@ def generate(
     batch_size: BatchSize = None,
     device: Device = None,
     dtype: Dtype = None,
+    backend: Backend = None,
     vae: Vae = None,
     low_memory: LowMemory = None,
     json_output: JsonOutput = False,
@@ -82,7 +83,7 @@ def generate(
         from dallecli.serve.client import check_local_options, generate_on_server
 
         check_local_options(request, revision=revision, cache_dir=cache_dir, device=device, dtype=dtype, vae=vae,
-                            low_memory=low_memory)
+                            low_memory=low_memory, backend=backend)
         made = generate_on_server(server, request, model or user_default("model"), folder)
         if json_output:
             out_json({"images": [{"path": str(path), "seed": s["seed"]} for path, s in made],
@@ -92,5 +93,5 @@ def generate(
         return
 
     run_local(request, folder, json_output=json_output, model=model, device=device, dtype=dtype, cache_dir=cache_dir,
-              vae=vae, low_memory=low_memory, revision=revision,
+              vae=vae, low_memory=low_memory, revision=revision, backend=backend,
               recorded_revision=merged["recorded_revision"], fmt=fmt, progress=progress, best_of=best_of)

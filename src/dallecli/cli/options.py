@@ -21,6 +21,7 @@ Revision = Annotated[Optional[str], typer.Option(help="Branch, tag or commit of 
 CacheDir = Annotated[Optional[Path], typer.Option(help="HF cache folder, as given to `dalle download --cache-dir` (default: $HF_HUB_CACHE or $HF_HOME/hub).")]
 Device = Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N or mps.", autocompletion=complete_device)]
 Dtype = Annotated[Optional[str], typer.Option(help="auto, float32, float16 or bfloat16.", autocompletion=complete_dtype)]
+Backend = Annotated[Optional[str], typer.Option(help="What runs the UNet and VAE decoder: torch (default) or openvino (CPU, SD 1.x/2.x; `pip install 'dallecli[openvino]'`; converted once into dalle's cache).", show_default=False)]
 Vae = Annotated[Optional[str], typer.Option(help="Decoder: full (the model's), tiny (fast previews; `dalle download taesd`), or a VAE alias/repo/folder.")]
 ClipSkip = Annotated[Optional[int], typer.Option(help="CLIP layers to skip, AUTOMATIC1111 numbering: 1 = none, 2 = use the penultimate layer (SD 1.x/2.x, SDXL, SD 3).", show_default=False)]
 LowMemory = Annotated[Optional[bool], typer.Option("--low-memory/--no-low-memory", help="VAE tiling for big images, CPU offload on CUDA, attention slicing on MPS (default: on when free memory is short).", show_default=False)]

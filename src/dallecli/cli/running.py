@@ -62,7 +62,7 @@ def run_local(request, folder: Path, *, json_output: bool, model: str | None, de
               dtype: str | None = None, cache_dir: Path | None = None, vae: str | None = None,
               low_memory: bool | None = None, revision: str | None = None,
               recorded_revision: str | None = None, fmt=None, progress: str | None = None,
-              best_of=None) -> None:
+              best_of=None, backend: str | None = None) -> None:
     """Make the images of ``request`` with a local engine (the model's inpainting variant for an edit, when
     downloaded) and write them to ``folder`` in ``fmt`` (:class:`dallecli.images.OutputFormat`, default PNG):
     paths on stdout (or one JSON document); notes, warnings and progress (``progress``: the ``--progress``
@@ -96,7 +96,8 @@ def run_local(request, folder: Path, *, json_output: bool, model: str | None, de
         check_registry_task(spec, request.resolved_task)
     mode = progress_mode(progress)  # a bad --progress or DALLE_PROGRESS is refused before anything loads
     engine = Engine(model, user_device(device), dtype or user_default("dtype"), cache_dir, vae=vae,
-                    low_memory=low_memory, revision=revision, recorded_revision=recorded_revision, kind=kind)
+                    low_memory=low_memory, revision=revision, recorded_revision=recorded_revision, kind=kind,
+                    backend=backend or user_default("backend"))
     if request.image is not None:
         engine = engine.for_task(request.resolved_task)
     for notice in engine.notices:

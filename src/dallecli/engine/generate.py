@@ -12,7 +12,8 @@ from dallecli import __version__
 from dallecli.engine import weighting
 from dallecli.engine.device import float32_weight_bytes, resolve_device, resolve_dtype
 from dallecli.engine.known_words import training_vocabulary, unknown_words
-from dallecli.engine.loading import check_vae_fits, load_pipeline, load_vae, recorded_defaults, with_vae
+from dallecli.engine.loading import (check_vae_fits, load_fresh_pipeline, load_pipeline, load_vae, recorded_defaults,
+                                     with_vae)
 from dallecli.engine.memory import (MemoryChoice, activation_scale, apply_memory_mode, available_bytes, check_feasible,
                                     choose_low_memory, estimate_bytes, low_memory_floor_bytes, vae_can_tile)
 from dallecli.engine.request import (RANDOM_SEED, GenerationRequest, ImageSettings, MAX_SEED, effective_steps,
@@ -84,6 +85,9 @@ class Engine:
         kind: the registry kind a registered ``model`` must have: "pipeline" (text to image, the default) or
             "inpainting" (an inpainting variant, :meth:`for_task`); other kinds are refused in one line naming the
             command that uses them (``dalle upscale`` for an upscaler).
+        backend: "torch" (None: the default) or "openvino": the UNet and VAE decoder run by OpenVINO on the CPU
+            (:mod:`dallecli.engine.ov_backend`; the PyTorch parts load in float32 and ``dtype`` picks OpenVINO's
+            precision, :func:`~dallecli.engine.ov_backend.choose_precision`).
 
     Attributes:
         notices: one-line notes for the user made while resolving (a renamed model, a VAE to download).
@@ -94,7 +98,8 @@ class Engine:
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  cache_dir: Path | None = None, *, vae: str | None = None, low_memory: bool | None = None,
-                 revision: str | None = None, recorded_revision: str | None = None, kind: str = "pipeline"):
+                 revision: str | None = None, recorded_revision: str | None = None, kind: str = "pipeline",
+                 backend: str | None = None):
         self.model: ResolvedModel = resolve_model(model, cache_dir=cache_dir, revision=revision,
                                                   recorded_revision=recorded_revision, kind=kind)
         self.cache_dir = cache_dir  # also where registry LoRAs (``--lora NAME``) are looked up
@@ -103,6 +108,17 @@ class Engine:
         self._single = None  # the detected single-file checkpoint (engine/single_file.py), read once
         self.weight_bytes = (self.single_file.float32_bytes if self.model.single_file else
                              float32_weight_bytes(self.model.path))
+        from dallecli.engine import ov_backend
+
+        self.backend = ov_backend.normalize_backend(backend)
+        self.openvino_precision: str | None = None
+        if self.backend != "torch":
+            from dallecli.engine.device import cpu_bf16_kind, normalize_dtype
+
+            ov_backend.check_backend(self.backend, self.device, self._layout()[0])
+            self.openvino_precision = ov_backend.choose_precision(normalize_dtype(dtype) if dtype else None,
+                                                                  cpu_bf16_kind())
+            dtype = "float32"  # the parts PyTorch still runs (text encoder, VAE encoder) and what is converted
         self.dtype_choice = resolve_dtype(self.device, dtype, self.model.spec.dtype if self.model.spec else None)
         self.dtype = self.dtype_choice.dtype
         self.vae: ResolvedModel | None = self._resolve_vae(vae, cache_dir)
@@ -122,7 +138,8 @@ class Engine:
         self._schedulers_checked: set[tuple[str, int]] = set()  # (scheduler, steps) that check_scheduler passed
         self._weighting_noted = False  # the "passed verbatim" warning is given once per engine
         self._options = {"device": device, "dtype": dtype, "cache_dir": cache_dir, "vae": vae,
-                         "low_memory": low_memory}
+                         "low_memory": low_memory, "backend": backend}
+        self.openvino = None  # what ov_backend.accelerate did, once loaded
 
     def _resolve_vae(self, vae: str | None, cache_dir: Path | None) -> ResolvedModel | None:
         """The VAE folder ``--vae`` names (None: the model's own), checked before anything loads.
@@ -161,13 +178,38 @@ class Engine:
         if self._pipe is None:
             variant = (self.model.spec.variant if self.model.spec else None) or "fp16"
             offload = any(c.low_memory for c in self._memory.values()) or bool(self.low_memory)
-            pipe = load_pipeline(self.model.path, self.device, self.dtype, variant, offload=offload)
+            if self.backend == "openvino":  # a copy of its own: its UNet and decoder weights are released
+                pipe = load_fresh_pipeline(self.model.path, self.dtype, variant, cpu_threads=True)
+            else:
+                pipe = load_pipeline(self.model.path, self.device, self.dtype, variant, offload=offload)
             if self.vae is not None:
                 pipe = with_vae(pipe, load_vae(self.vae.path, self.device, self.dtype), self.vae.name)
+            if self.backend == "openvino":
+                self.openvino = self._accelerate(pipe)
             self._base_scheduler_config = dict(pipe.scheduler.config)
             _give_text_model_path(pipe)
             self._pipe = pipe
         return self._pipe
+
+    def _weight_files(self) -> list[Path]:
+        """The weight files the UNet and VAE load from: the single file, or the ``.safetensors`` files of the
+        folder's ``unet`` and ``vae`` (or ``--vae``'s folder)."""
+        if self.model.single_file:
+            return [self.model.path]
+        vae_folder = self.vae.path if self.vae is not None else self.model.path / "vae"
+        return sorted([*(self.model.path / "unet").glob("*.safetensors"), *vae_folder.glob("*.safetensors")])
+
+    def _accelerate(self, pipe):
+        """Hand the UNet and VAE decoder of ``pipe`` to OpenVINO (exported into dalle's cache once)."""
+        import torch
+
+        from dallecli.config import cache_dir
+        from dallecli.engine import ov_backend
+        from dallecli.weightfiles import file_digest
+
+        digests = [file_digest(path) for path in self._weight_files()]
+        return ov_backend.accelerate(pipe, digests, cache_dir(), dtype=self.dtype, precision=self.openvino_precision,
+                                     threads=torch.get_num_threads())
 
     @property
     def loaded(self) -> bool:
@@ -422,6 +464,8 @@ class Engine:
             UsageError: see :meth:`plan`.
         """
         validate_scheduler(request.scheduler)
+        if request.loras and self.backend == "openvino":
+            raise UsageError("--lora runs with --backend torch only (OpenVINO runs the UNet as exported)")
         request = self._with_input_size(request)
         request = request.with_defaults(self.defaults())
         validate_request(request)
@@ -669,6 +713,7 @@ class Engine:
             vae=self.vae.name if self.vae is not None else None,
             clip_skip=request.clip_skip if request.clip_skip and request.clip_skip > 1 else None,
             unknown_words=list(check.unknown) or None,
+            backend=({"name": self.backend, "precision": self.openvino.precision} if self.openvino else None),
             **self._input_settings(request),
         )
 

@@ -153,10 +153,11 @@ class ImageSettings:
     init_image: dict | None = None  # {"path": absolute path, "sha256": 64 hex digits} of the init image
     mask: dict | None = None  # {"path", "sha256"} of the mask file; None when none (or the image's alpha) was used
     strength: float | None = None  # denoising strength in (0, 1]; None for text to image
+    backend: dict | None = None  # {"name": "openvino", "precision": "f32"|"bf16"}; None (not written) for PyTorch
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for optional in ("clip_skip", "unknown_words", "task", "init_image", "mask", "strength"):  # only when set
+        for optional in ("clip_skip", "unknown_words", "task", "init_image", "mask", "strength", "backend"):  # only when set
             if not data[optional]:
                 del data[optional]
         return data
