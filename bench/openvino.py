@@ -262,6 +262,8 @@ def inspect_ir_bin(bin_path: Path) -> dict:
     """
     import xml.etree.ElementTree as ET
 
+    from dallecli.engine.ov_backend import ir_constants
+
     with open(bin_path, "rb") as handle:
         head = handle.read(16)
     info = {"file": str(bin_path.relative_to(bin_path.parents[1])), "bytes": bin_path.stat().st_size,
@@ -273,11 +275,9 @@ def inspect_ir_bin(bin_path: Path) -> dict:
         root = ET.parse(xml_path).getroot()
     except (OSError, ET.ParseError):
         return {**info, "openvino_ir": False}
-    for layer in root.iter("layer"):
-        data = layer.find("data")
-        if layer.get("type") == "Const" and data is not None and data.get("offset") is not None:
-            end = max(end, int(data.get("offset")) + int(data.get("size")))
-            types[data.get("element_type")] = types.get(data.get("element_type"), 0) + int(data.get("size"))
+    for offset, size, element_type in ir_constants(root):
+        end = max(end, offset + size)
+        types[element_type] = types.get(element_type, 0) + size
     info.update(openvino_ir=root.tag == "net" and end == info["bytes"], xml_root=root.tag,
                 ir_version=root.get("version"), consts_end=end, const_bytes_by_type=types)
     return info

@@ -188,3 +188,17 @@ def test_latent_sizes_the_unet_cannot_halve_evenly_run_right(tmp_path):
         got = compiled(sample, steps, text)
         assert got.shape == expected.shape
         assert float((got - expected).norm() / expected.norm()) < 1e-4
+
+
+@needs_openvino
+def test_serve_runs_the_backend_it_is_given(tiny_pipeline, tmp_path):
+    from dallecli.serve.config import ServeConfig
+    from dallecli.serve.pool import EnginePool
+
+    pool = EnginePool(ServeConfig(model=str(tiny_pipeline), out=tmp_path, device="cpu", backend="openvino"))
+    engine = pool.engine_for(None)
+    assert (engine.backend, engine.openvino_precision) in {("openvino", "f32"), ("openvino", "bf16")}
+    assert EnginePool(ServeConfig(model=str(tiny_pipeline), out=tmp_path)).engine_for(None).backend == "torch"
+    done = run_dalle("serve", "--port", "0", "--backend", "onnx", "--out", str(tmp_path / "out"), timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().endswith("--backend 'onnx': choose one of torch, openvino")
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dallecli.cli.errors import handles_errors
-from dallecli.cli.options import CacheDir, Device, Dtype, Model
+from dallecli.cli.options import Backend, CacheDir, Device, Dtype, Model
 
 
 @handles_errors
@@ -27,6 +27,7 @@ def serve(
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Run one tiny pass after loading --model, so that the first request is not the slow one.")] = True,
     device: Device = None,
     dtype: Dtype = None,
+    backend: Backend = None,
     cache_dir: CacheDir = None,
 ) -> None:
     """Serve models over HTTP: OpenAI Images API, AUTOMATIC1111 API and a web page."""
@@ -41,6 +42,7 @@ def serve(
         memory_budget=None if memory_budget is None else int(memory_budget * 1e9), max_queue=max_queue,
         batch_window=batch_window / 1000, max_batch=max_batch, device=device or user_default("device"),
         dtype=dtype or user_default("dtype"), cache_dir=cache_dir, warmup=warmup,
+        backend=backend or user_default("backend") or "torch",
     )
     check_config(config)  # before anything loads: a public address without a key never starts
     prepare_output_folder(config.out)

@@ -27,6 +27,7 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,15 +76,15 @@ def check_backend(backend: str, device: str, pipeline_class: str | None) -> None
     """Refuse a backend that cannot run here, before anything loads.
 
     Args:
-        backend: one of :data:`BACKENDS`.
+        backend: one of :data:`BACKENDS`, as :func:`normalize_backend` returns it.
         device: the resolved torch device ("cpu", "cuda:0", ...).
         pipeline_class: the model's diffusers pipeline class name (None when unknown).
 
     Raises:
-        UsageError: an unknown backend; openvino on a device other than the CPU, for a pipeline other than
+        UsageError: openvino on a device other than the CPU, for a pipeline other than
             :data:`SUPPORTED_PIPELINES`, or without the extra installed.
     """
-    if normalize_backend(backend) != "openvino":
+    if backend != "openvino":
         return
     if device != "cpu":
         raise UsageError(f"--backend openvino runs on the CPU; leave out --device {device} or use --backend torch")
@@ -111,6 +112,16 @@ def choose_precision(dtype_requested: str | None, cpu_bf16: str | None) -> str:
     raise UsageError(f"--backend openvino runs float32 or bfloat16, not {dtype_requested}; use --dtype auto")
 
 
+def ir_constants(root) -> Iterator[tuple[int, int, str]]:
+    """``(offset, size, element_type)`` of each ``Const`` layer of a parsed IR ``.xml`` (``root``, the ``<net>``
+    element): where in the ``.bin`` its data lies, in bytes. An IR ``.bin`` has no header or magic number; it is
+    these constants' raw data, concatenated."""
+    for layer in root.iter("layer"):
+        data = layer.find("data")
+        if layer.get("type") == "Const" and data is not None and data.get("offset") is not None:
+            yield int(data.get("offset")), int(data.get("size")), data.get("element_type")
+
+
 def check_ir_pair(xml_path: Path) -> Path:
     """Check that ``xml_path`` and the ``.bin`` beside it are an OpenVINO IR pair, from their bytes alone.
 
@@ -134,11 +145,7 @@ def check_ir_pair(xml_path: Path) -> Path:
         raise CorruptWeightsError(f"{xml_path.parent}: unreadable OpenVINO export ({exc})") from exc
     if root.tag != "net":
         raise UnsafeWeightsError(f"{xml_path}: not an OpenVINO IR graph (root <{root.tag}>)")
-    end = 0
-    for layer in root.iter("layer"):
-        data = layer.find("data")
-        if layer.get("type") == "Const" and data is not None and data.get("offset") is not None:
-            end = max(end, int(data.get("offset")) + int(data.get("size")))
+    end = max((offset + length for offset, length, _ in ir_constants(root)), default=0)
     if end != size:
         if head == b"PK" or (head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5):
             raise UnsafeWeightsError(f"{bin_path}: a zip or pickle, not OpenVINO constants; refusing to read it")

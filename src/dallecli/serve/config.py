@@ -35,7 +35,7 @@ class ServeConfig:
         max_queue: requests waiting at most; one more gets 503.
         batch_window: seconds the worker waits for more requests with the same settings before a pass.
         max_batch: images per forward pass at most (1: no dynamic batching).
-        device, dtype, cache_dir: as for ``dalle generate``.
+        device, dtype, cache_dir, backend: as for ``dalle generate`` (backend: "torch" or "openvino").
         max_body_bytes: largest request body accepted (413 above).
         max_upload_bytes: the same for the routes that take images (``/v1/images/edits``, ``/variations``,
             ``/sdapi/v1/img2img``): an image and a mask of OpenAI's 4 MB each, base64 or multipart, fit.
@@ -56,6 +56,7 @@ class ServeConfig:
     device: str | None = None
     dtype: str | None = None
     cache_dir: Path | None = None
+    backend: str = "torch"
     max_body_bytes: int = MAX_BODY_BYTES
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     warmup: bool = True
@@ -79,8 +80,11 @@ def check_config(config: ServeConfig) -> None:
     """Check the settings before anything loads.
 
     Raises:
-        UsageError: a non-loopback ``host`` without an API key, or a value out of range.
+        UsageError: a non-loopback ``host`` without an API key, a value out of range, or an unknown backend.
     """
+    from dallecli.engine.ov_backend import normalize_backend
+
+    normalize_backend(config.backend)
     if not is_loopback(config.host) and not config.api_key:
         raise UsageError(f"--host {config.host} lets other machines connect: give --api-key KEY (or set "
                          "DALLE_API_KEY), or bind 127.0.0.1")

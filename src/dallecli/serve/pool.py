@@ -149,7 +149,7 @@ class EnginePool:
             return self._factory(name, self.config.device, self.config.dtype, self.config.cache_dir)
         from dallecli.engine.generate import Engine
 
-        return Engine(name, self.config.device, self.config.dtype, self.config.cache_dir)
+        return Engine(name, self.config.device, self.config.dtype, self.config.cache_dir, backend=self.config.backend)
 
     def _download(self, name: str) -> None:
         from dallecli.store.download import download, plan_download
