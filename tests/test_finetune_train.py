@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -59,6 +60,9 @@ def test_lora_file_keys_metadata_checkpoints_and_samples(trained, tiny_pipeline)
     assert sorted(p.name for p in (result.output / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
     assert len(result.samples) == 1 and result.samples[0].parent.name == "step-0000006"
     assert not list(result.output.rglob(".tmp*"))
+    # training flushed denormal floats to zero; the process-wide setting did not outlive it (images generated
+    # later in the same process otherwise changed: a tiny random UNet's output moved by up to 123 levels)
+    assert torch.tensor(1e-40).mul(1.0).item() > 0
     # plain diffusers takes the file as is
     from diffusers import StableDiffusionPipeline
 

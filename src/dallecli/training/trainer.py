@@ -232,10 +232,6 @@ class DenoiserTrainer:
             gradient_accumulation_steps=settings.gradient_accumulation,
         )
         torch.manual_seed(settings.seed)
-        if self.accelerator.device.type == "cpu":
-            # Adam's second moments and small gradients can drift into denormal floats, which x86 CPUs
-            # compute many times slower; flushing them to zero costs no accuracy that matters here.
-            torch.set_flush_denormal(True)
         self.parameters = parameters
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=settings.warmup_steps)
@@ -418,6 +414,20 @@ class DenoiserTrainer:
         start_step, started = self.step, time.perf_counter()
         self.unet.train()
         self.text_encoder.train(self.train_text_encoder)
+        # Adam's second moments and small gradients can drift into denormal floats, which x86 CPUs compute many
+        # times slower; flushing them to zero costs no accuracy that matters here. The setting is process-wide,
+        # so it is undone at the end: images generated later in this process come out as in any other.
+        flush = self.accelerator.device.type == "cpu" and torch.set_flush_denormal(True)
+        try:
+            self._train_steps(on_step, on_save)
+        finally:
+            if flush:
+                torch.set_flush_denormal(False)  # torch's default (it has no getter to restore another)
+        self.accelerator.wait_for_everyone()
+        return TrainResult(start_step, self.step, self.loss_average.value, time.perf_counter() - started,
+                           asdict(self.settings))
+
+    def _train_steps(self, on_step, on_save) -> None:
         while self.step < self.settings.steps:
             step_loss = 0.0
             for _ in range(self.settings.gradient_accumulation):
@@ -443,9 +453,6 @@ class DenoiserTrainer:
                 self.save()
                 if on_save and self.is_main_process:
                     on_save(self.step)
-        self.accelerator.wait_for_everyone()
-        return TrainResult(start_step, self.step, self.loss_average.value, time.perf_counter() - started,
-                           asdict(self.settings))
 
     def averaged_weights(self):
         """Context manager: inside it the trained parameters hold their EMA values (no-op without EMA)."""
