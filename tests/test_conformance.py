@@ -260,8 +260,11 @@ def _check_metadata(settings: dict, name: str, dtype: str):
 
 @pytest.mark.parametrize("name", PIPELINES)
 def test_generate_replay_and_info(name, generated, world):
-    """`dalle generate` (dtype auto = float32 on the CPU) -> PNG with metadata; --from is pixel-identical;
-    `dalle info` shows the settings and a rerun line that works."""
+    """`dalle generate` (dtype auto: float32 on the CPU, bfloat16 on one with AMX) -> PNG with metadata; --from is
+    pixel-identical; `dalle info` shows the settings and a rerun line that works."""
+    from dallecli.engine.device import resolve_dtype
+
+    auto = resolve_dtype("cpu").dtype
     root = world["root"]
     steps = generated[name]
     made = steps["generate"]
@@ -269,12 +272,12 @@ def test_generate_replay_and_info(name, generated, world):
     png = _png(made, root)
     assert png.is_file() and Image.open(png).size == (int(SIZE), int(SIZE))
     document = json.loads(made["stdout"])
-    scheduler = _check_metadata({**document["parameters"], "seed": document["images"][0]["seed"]}, name, "float32")
+    scheduler = _check_metadata({**document["parameters"], "seed": document["images"][0]["seed"]}, name, auto)
 
     info = steps["info_json"]
     assert info["code"] == 0, first_line(info["stderr"])
     settings = json.loads(info["stdout"])
-    assert _check_metadata(settings, name, "float32") == scheduler
+    assert _check_metadata(settings, name, auto) == scheduler
 
     replay = steps["from"]
     assert replay["code"] == 0, first_line(replay["stderr"]) or replay["stderr"][-2000:]

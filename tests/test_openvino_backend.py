@@ -81,6 +81,7 @@ def test_bfloat16_precision_stays_within_the_quality_rule(tiny_pipeline):
 
 def test_precision_follows_dtype_and_the_cpu():
     assert ov_backend.choose_precision(None, "native") == "bf16"
+    assert ov_backend.choose_precision(None, "amx") == "bf16"
     assert ov_backend.choose_precision("auto", "avx512") == "f32"
     assert ov_backend.choose_precision(None, None) == "f32"
     assert ov_backend.choose_precision("float32", "native") == "f32"

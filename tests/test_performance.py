@@ -27,7 +27,8 @@ ICE_LAKE = {"avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx51
 @pytest.mark.parametrize(("flags", "kind"), [
     (ICE_LAKE, "avx512"),
     (ICE_LAKE | {"avx512_bf16"}, "native"),
-    ({"avx2", "fma", "amx_bf16", "amx_tile"}, "native"),
+    ({"avx2", "fma", "amx_bf16", "amx_tile"}, "amx"),
+    (ICE_LAKE | {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8"}, "amx"),  # Sapphire Rapids
     ({"avx2", "fma"}, None),
     ({"avx512f"}, None),  # AVX-512 foundation alone: no oneDNN bf16 path
     (set(), None),
@@ -56,11 +57,17 @@ def test_cpu_auto_dtype_is_float32(kind, reason):
     assert "CPU" in choice.reason
 
 
+def test_cpu_auto_dtype_is_bfloat16_with_amx_tiles():
+    choice = choose_dtype("cpu", None, cpu_bf16="amx")
+    assert choice.dtype == "bfloat16" and "AMX" in choice.reason and "--dtype float32" in choice.reason
+
+
 def test_explicit_dtype_beats_cpu_bf16_policy():
+    assert choose_dtype("cpu", "float32", cpu_bf16="amx").dtype == "float32"
     assert choose_dtype("cpu", "float32", cpu_bf16="native").dtype == "float32"
     assert choose_dtype("cpu", "bf16", cpu_bf16=None).dtype == "bfloat16"
     # CUDA and MPS do not look at the CPU
-    assert choose_dtype("mps", None, cpu_bf16="native").dtype == "float32"
+    assert choose_dtype("mps", None, cpu_bf16="amx").dtype == "float32"
     assert choose_dtype("cuda", None, cuda_bf16=False, cpu_bf16="native").dtype == "float16"
 
 
@@ -314,7 +321,8 @@ def test_cli_says_when_low_memory_was_chosen(tiny_pipeline, monkeypatch, tmp_pat
                             activation_scale(tiny_pipeline))
     monkeypatch.setattr(generate_module, "available_bytes", lambda device: needed)  # within the headroom: short
     result = CliRunner().invoke(app, ["generate", "a red circle", "--model", str(tiny_pipeline), "--steps", "1",
-                                      "--seed", "1", "--device", "cpu", "--out", str(tmp_path / "o")])
+                                      "--seed", "1", "--device", "cpu", "--dtype", "float32",
+                                      "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "low memory (0.0 GB free, about 0.0 GB needed): using --low-memory" in result.stderr
     assert "low memory" not in result.stdout

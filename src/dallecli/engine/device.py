@@ -40,10 +40,11 @@ def normalize_dtype(requested: str | None, source: str = "--dtype") -> str:
     return name
 
 
-# CPU bfloat16 support, as :func:`cpu_bf16_kind` reports it: "native" (AVX-512-BF16 or AMX-BF16 instructions),
-# "avx512" (no bf16 instructions, but oneDNN runs bf16 matmuls/convolutions with AVX-512 conversions: half the
-# memory traffic, fp32 arithmetic), or None (AVX2 or less: bf16 is emulated slowly, keep float32).
-CPU_BF16_KINDS = ("native", "avx512", None)
+# CPU bfloat16 support, as :func:`cpu_bf16_kind` reports it: "amx" (AMX-BF16 tile instructions, Intel Xeon since
+# Sapphire Rapids: oneDNN runs bf16 matmuls and convolutions on the tiles), "native" (AVX-512-BF16 dot products
+# without AMX), "avx512" (no bf16 instructions, but oneDNN runs bf16 matmuls/convolutions with AVX-512
+# conversions: half the memory traffic, fp32 arithmetic), or None (AVX2 or less: bf16 is emulated slowly).
+CPU_BF16_KINDS = ("amx", "native", "avx512", None)
 
 
 def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool = False,
@@ -51,14 +52,15 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
     """Pick the compute dtype for ``device``.
 
     Policy: an explicit request wins; CUDA gets bfloat16 where the GPU supports it (no fp16 overflow to
-    NaN), else float16; MPS gets float32 (half precision on MPS produces NaN/black images with many models);
-    CPU gets float32. bfloat16 stays opt-in there (``--dtype bfloat16``) because it was measured slower than
-    float32 on every CPU these machines had (BENCHMARKS.md): on AVX-512 without bf16 instructions (oneDNN
-    converts to float32) 2.4x slower for an SD-Turbo-architecture 512x512 image and 1.25x on the embedded model;
-    on a Xeon with AVX-512-BF16 (no AMX) the SD-Turbo UNet step took 20.1 s against 13.5 s and the VAE decode
-    53.6 s against 30.8 s. Its quality passes the rule on the embedded model (:data:`BF16_QUALITY_PAIRS`,
-    worst 42.2 dB), so speed alone keeps it opt-in; AMX was not available to measure. bfloat16 keeps float32's
-    exponent range, so it cannot overflow to NaN the way float16 does.
+    NaN), else float16; MPS gets float32 (half precision on MPS produces NaN/black images with many models).
+    The CPU gets bfloat16 where it has AMX tiles and float32 elsewhere, each as measured (BENCHMARKS.md):
+    with AMX-BF16 (a 2-core Xeon) the SD-Turbo-architecture UNet step took 1.08 s against 3.62 s in float32
+    and the VAE decode 2.44 s against 12.57 s (channels-last), the image at 49.2 dB PSNR against float32's
+    (the embedded model: worst 44.2 dB over :data:`BF16_QUALITY_PAIRS`, 7% slower, 0.23 s against 0.22 s);
+    without AMX it was slower than float32 on every CPU measured: on AVX-512 without bf16 instructions (oneDNN
+    converts to float32) 2.4x slower for an SD-Turbo-architecture 512x512 image, and on a Xeon with
+    AVX-512-BF16 but no AMX the UNet step took 20.1 s against 13.5 s. bfloat16 keeps float32's exponent range,
+    so it cannot overflow to NaN the way float16 does.
 
     Args:
         device: a torch device string ("cpu", "cuda", "cuda:1", "mps").
@@ -84,6 +86,9 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
         return DtypeChoice("float16", "CUDA GPU without bfloat16 support")
     if kind == "mps":
         return DtypeChoice("float32", "MPS: half precision is unreliable there")
+    if cpu_bf16 == "amx":  # measured: SD-Turbo UNet step 3.62 s fp32 -> 1.08 s bf16, VAE decode 12.57 -> 2.44 s
+        return DtypeChoice("bfloat16", "CPU with AMX bfloat16 tiles, where bfloat16 measured 3-5x faster than "
+                                       "float32 (--dtype float32 for full precision)")
     if cpu_bf16 == "native":  # measured: SD-Turbo UNet step 13.5 s fp32 -> 20.1 s bf16 with AVX-512-BF16
         return DtypeChoice("float32", "CPU with bfloat16 instructions, where bfloat16 measured slower than "
                                       "float32 (--dtype bfloat16 to use it)")
@@ -120,7 +125,9 @@ def psnr_db(reference, test) -> float:
 
 def bf16_kind_from_flags(flags: set[str] | frozenset[str]) -> str | None:
     """Classify CPU flags (as in ``/proc/cpuinfo``) into one of :data:`CPU_BF16_KINDS`."""
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
         return "native"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         return "avx512"
@@ -147,7 +154,9 @@ def cpu_bf16_kind() -> str | None:
     try:
         import torch
 
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        if torch.cpu._is_amx_tile_supported():
+            return "amx"
+        if torch.cpu._is_avx512_bf16_supported():
             return "native"
         return "avx512" if torch.cpu._is_avx512_supported() else None
     except (ImportError, AttributeError):  # pragma: no cover - older torch
