@@ -174,6 +174,27 @@ def test_vae_folder_swaps_the_decoder_only(tiny_pipeline, tiny_autoencoder):
     assert np.array_equal(np.asarray(next(tiny.generate(request)).image), np.asarray(b.image))
 
 
+def test_derived_pipelines_keep_the_loaded_dtype(tiny_pipeline, tiny_autoencoder, tmp_path):
+    """``--vae`` and image to image derive a pipeline from the loaded one (``from_pipe``), which by default casts
+    every shared component to float32 in place: the bfloat16 UNet turned float32 (3x slower with AMX)."""
+    import torch
+    from PIL import Image
+
+    from dallecli.engine.generate import Engine
+    from dallecli.engine.request import GenerationRequest
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "init.png")
+    for vae in (None, str(tiny_autoencoder)):
+        engine = Engine(str(tiny_pipeline), "cpu", "bfloat16", vae=vae)
+        next(engine.generate(GenerationRequest("a red circle", seed=3, steps=2)))
+        next(engine.generate(GenerationRequest("a red circle", seed=3, steps=2, image=str(tmp_path / "init.png"),
+                                               strength=0.5)))
+        derived = engine.task_pipe("img2img")
+        assert derived is not engine.pipe and derived.unet is engine.pipe.unet
+        assert engine.pipe.unet.dtype == engine.pipe.text_encoder.dtype == torch.bfloat16, vae
+        assert engine.pipe.vae.dtype == torch.bfloat16
+
+
 def test_vae_tiny_uses_the_registry_decoder_from_the_hf_cache(tiny_pipeline, tiny_autoencoder, isolated_home):
     from dallecli.engine.generate import Engine
 

@@ -12,8 +12,8 @@ from dallecli import __version__
 from dallecli.engine import weighting
 from dallecli.engine.device import float32_weight_bytes, resolve_device, resolve_dtype
 from dallecli.engine.known_words import training_vocabulary, unknown_words
-from dallecli.engine.loading import (check_vae_fits, load_fresh_pipeline, load_pipeline, load_vae, recorded_defaults,
-                                     with_vae)
+from dallecli.engine.loading import (check_vae_fits, derive_pipeline, load_fresh_pipeline, load_pipeline, load_vae,
+                                     recorded_defaults, with_vae)
 from dallecli.engine.memory import (MemoryChoice, activation_scale, apply_memory_mode, available_bytes, check_feasible,
                                     choose_low_memory, estimate_bytes, low_memory_floor_bytes, vae_can_tile)
 from dallecli.engine.request import (RANDOM_SEED, GenerationRequest, ImageSettings, MAX_SEED, effective_steps,
@@ -429,7 +429,7 @@ class Engine:
             # passed explicitly: from_pipe drops a component whose class is not in the new class's type hints
             # (the embedded model's AutoencoderTiny for StableDiffusionImg2ImgPipeline), though it runs it fine
             accepted = inspect.signature(cls.__init__).parameters
-            derived = cls.from_pipe(pipe, **{k: v for k, v in pipe.components.items() if k in accepted})
+            derived = derive_pipeline(cls, pipe, **{k: v for k, v in pipe.components.items() if k in accepted})
             derived.set_progress_bar_config(disable=True)
             self._task_pipes[key] = derived
         derived = self._task_pipes[key]
