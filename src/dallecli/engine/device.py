@@ -88,7 +88,7 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
         return DtypeChoice("float32", "MPS: half precision is unreliable there")
     if cpu_bf16 == "amx":  # measured: SD-Turbo UNet step 3.62 s fp32 -> 1.08 s bf16, VAE decode 12.57 -> 2.44 s
         return DtypeChoice("bfloat16", "CPU with AMX bfloat16 tiles, where bfloat16 measured 3-5x faster than "
-                                       "float32 (--dtype float32 for full precision)")
+                                       "float32; --dtype float32 for full precision")
     if cpu_bf16 == "native":  # measured: SD-Turbo UNet step 13.5 s fp32 -> 20.1 s bf16 with AVX-512-BF16
         return DtypeChoice("float32", "CPU with bfloat16 instructions, where bfloat16 measured slower than "
                                       "float32 (--dtype bfloat16 to use it)")
