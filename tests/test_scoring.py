@@ -15,6 +15,14 @@ from conftest import run_dalle
 PROMPT = "a red circle on a blue background"
 
 
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
 def _meta(path: str | Path) -> dict:
     from dallecli.images import read_metadata
 
@@ -54,14 +62,16 @@ def test_embedded_scorer_tells_each_attribute_from_a_one_word_change():
 
 
 def test_dalle_score_uses_the_stored_prompt_or_the_given_one(tmp_path):
-    made = run_dalle("generate", PROMPT, "-n", "2", "--seed", "3", "--out", str(tmp_path / "out"), "--json",
-                     "--progress", "none")
-    assert made.returncode == 0, made.stderr
+    # in-process (CliRunner): five CLI runs in subprocesses cost 19 s of imports; the entry point is run for real
+    # by the other tests here
+    made = _cli("generate", PROMPT, "-n", "2", "--seed", "3", "--out", str(tmp_path / "out"), "--json",
+                "--progress", "none")
+    assert made.exit_code == 0, made.stderr
     paths = [image["path"] for image in json.loads(made.stdout)["images"]]
     plain = tmp_path / "plain.png"
     Image.new("RGB", (64, 64), (35, 70, 225)).save(plain)  # no metadata: no stored prompt
-    stored = run_dalle("score", *paths, str(plain), "--json")
-    assert stored.returncode == 0, stored.stderr
+    stored = _cli("score", *paths, str(plain), "--json")
+    assert stored.exit_code == 0, stored.stderr
     document = json.loads(stored.stdout)
     assert document["scorer"]["name"] == "shapes-clip"
     rows = document["images"]
@@ -73,24 +83,24 @@ def test_dalle_score_uses_the_stored_prompt_or_the_given_one(tmp_path):
 
     direct = ClipScorer.load(None).score([Image.open(p) for p in paths], [PROMPT, PROMPT])
     assert [r["clip_score"] for r in rows[:2]] == [s.clip_score for s in direct]
-    against = json.loads(run_dalle("score", paths[0], "--prompt", "a green triangle on a white background",
+    against = json.loads(_cli("score", paths[0], "--prompt", "a green triangle on a white background",
                                    "--json").stdout)["images"][0]
     assert against["cosine"] < rows[0]["cosine"]  # the image matches its own prompt better
-    table = run_dalle("score", *paths)
-    assert table.returncode == 0
+    table = _cli("score", *paths)
+    assert table.exit_code == 0
     assert [line.split()[0] for line in table.stdout.splitlines()] == [f"{r['clip_score']:.2f}" for r in rows[:2]]
-    none_scored = run_dalle("score", str(plain))
-    assert none_scored.returncode == 1 and "no image was scored" in none_scored.stderr
+    none_scored = _cli("score", str(plain))
+    assert none_scored.exit_code == 1 and "no image was scored" in none_scored.stderr
 
 
 def test_dalle_score_on_a_batch_folder_writes_a_scored_copy_of_the_manifest(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"{PROMPT}\na small yellow square in the top left corner, black background\n")
     folder = tmp_path / "run"
-    assert run_dalle("batch", str(prompts), "--out", str(folder), "--seed", "1", "--progress", "none").returncode == 0
+    assert _cli("batch", str(prompts), "--out", str(folder), "--seed", "1", "--progress", "none").exit_code == 0
     manifest = (folder / "manifest.jsonl").read_bytes()
-    scored = run_dalle("score", str(folder), "--json")
-    assert scored.returncode == 0, scored.stderr
+    scored = _cli("score", str(folder), "--json")
+    assert scored.exit_code == 0, scored.stderr
     document = json.loads(scored.stdout)
     assert document["manifests"] == [str(folder / "manifest.scores.jsonl")]
     assert (folder / "manifest.jsonl").read_bytes() == manifest  # the original is never rewritten
@@ -104,9 +114,9 @@ def test_dalle_score_on_a_batch_folder_writes_a_scored_copy_of_the_manifest(tmp_
 
 def test_generate_rerank_keeps_the_best_candidate_which_replays_alone(tmp_path):
     out = tmp_path / "out"
-    made = run_dalle("generate", PROMPT, "-n", "2", "--seed", "5", "--rerank", "3", "--keep-candidates",
-                     "--out", str(out), "--json", "--progress", "none")
-    assert made.returncode == 0, made.stderr
+    made = _cli("generate", PROMPT, "-n", "2", "--seed", "5", "--rerank", "3", "--keep-candidates",
+                "--out", str(out), "--json", "--progress", "none")
+    assert made.exit_code == 0, made.stderr
     winners = json.loads(made.stdout)["images"]
     assert len(winners) == 2 and len(list((out / "candidates").glob("*.png"))) == 4
     candidates = [_meta(p) for p in sorted((out / "candidates").glob("*.png"))]
@@ -120,6 +130,7 @@ def test_generate_rerank_keeps_the_best_candidate_which_replays_alone(tmp_path):
         assert sorted(c["rerank"]["rank"] for c in losers) == [2, 3]
         assert all(c["rerank"]["cosine"] <= record["cosine"] for c in losers)
         assert {c["seed"] for c in losers} | {meta["seed"]} == set(record["candidate_seeds"])
+    # the replay in a fresh process, as a user reruns it
     replay = run_dalle("generate", "--from", winners[1]["path"], "--out", str(tmp_path / "again"), "--json",
                        "--progress", "none")
     assert replay.returncode == 0, replay.stderr
@@ -154,8 +165,8 @@ def test_batch_rerank_records_the_winner_and_resumes_by_its_key(tmp_path):
     prompts.write_text(f"{PROMPT}\ngreen triangle, white background\n")
     folder = tmp_path / "run"
     args = ["batch", str(prompts), "--out", str(folder), "--seed", "100", "--rerank", "2", "--progress", "none"]
-    first = run_dalle(*args, "--json")
-    assert first.returncode == 0, first.stderr
+    first = _cli(*args, "--json")
+    assert first.exit_code == 0, first.stderr
     assert json.loads(first.stdout)["images"] == 2
     records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()][1:]
     for record in records:
@@ -166,9 +177,9 @@ def test_batch_rerank_records_the_winner_and_resumes_by_its_key(tmp_path):
         meta = _meta(folder / record["path"])
         assert meta["seed"] == record["reranked"]["winner_seed"] and meta["rerank"]["rank"] == 1
         assert meta["rerank"]["clip_score"] == record["reranked"]["clip_score"]
-    again = run_dalle(*args, "--json")
+    again = _cli(*args, "--json")
     assert json.loads(again.stdout)["skipped"] == 2 and json.loads(again.stdout)["images"] == 0
-    other = run_dalle(*args[:-2], "--rerank", "3", "--progress", "none", "--json")  # another K: another key
+    other = _cli(*args[:-2], "--rerank", "3", "--progress", "none", "--json")  # another K: another key
     assert json.loads(other.stdout)["images"] == 2
 
 
