@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -10,6 +11,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
@@ -69,3 +73,18 @@ def row(name: str, ours: float, baseline: float, unit: str = "s") -> str:
 
 
 PYTHON = sys.executable
+
+
+def run_json_child(module: str, *args: str, python: str | None = None, env: dict | None = None) -> dict:
+    """Run ``python -m module --child *args`` in a fresh process from the repository root and return the JSON
+    object on the last line of its stdout (each benchmark arm runs this way, so no arm inherits another's
+    allocations, threads or oneDNN caches).
+
+    Raises:
+        RuntimeError: the child failed; the message ends with the last 3,000 characters of its stderr.
+    """
+    done = subprocess.run([python or sys.executable, "-m", module, "--child", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} child {' '.join(args)[:200]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from bench.common import run_json_child
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "build" / "bench" / "deepcache.json"
@@ -106,14 +107,6 @@ def child_quality(spec: dict) -> dict:
             "psnr_db": values, "psnr_db_min": min(values)}
 
 
-def run_child(kind: str, spec: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.deepcache", "--child", kind, json.dumps(spec)], cwd=ROOT,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{kind} {spec.get('arm', '')} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interval", type=int, default=3, help="DeepCache's cache_interval (full UNet every N steps)")
@@ -137,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result = {"machine": machine(), "interval": args.interval}
     for dtype in ("float32", None):  # None: dalle's auto dtype on this CPU
-        quality = run_child("quality", {"interval": args.interval, "dtype": dtype})
+        quality = run_json_child("bench.deepcache", "quality", json.dumps({"interval": args.interval, "dtype": dtype}))
         result.setdefault("quality", []).append(quality)
         print(f"embedded model, {quality['dtype']}, {quality['steps']} steps, interval {args.interval}: PSNR "
               f"DeepCache vs none worst {quality['psnr_db_min']:.1f} dB "
@@ -150,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"arm": f"dalle auto + DeepCache {args.interval}", "interval": args.interval}]
         for arm in arms:
             out = dict(arm, model=str(folder), image_out=str(work / f"{arm['arm'].replace(' ', '_')}.npy"))
-            measured = run_child("speed", out)
+            measured = run_json_child("bench.deepcache", "speed", json.dumps(out))
             measured["image"] = out["image_out"]
             result.setdefault("speed", []).append(measured)
             print(f"  {json.dumps(measured)}", file=sys.stderr, flush=True)

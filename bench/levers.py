@@ -27,11 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.common import run_json_child
 from bench.suite import PROMPT, _current_rss_mb, _rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,14 +122,6 @@ def child(spec: dict) -> dict:
             "rss_after_load_mb": rss_loaded, "peak_rss_mb": _rss_mb(), "threads": torch.get_num_threads()}
 
 
-def run_child(spec: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.levers", "--child", json.dumps(spec)], cwd=ROOT,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{spec['arm']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def psnr(a, b) -> float:
     import numpy as np
 
@@ -169,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             spec = {"arm": arm, "model": str(folder), "size": args.size, "calls": args.calls,
                     "image_out": str(work / f"{arm}.npy"), "noise_out": str(work / f"{arm}.pt")}
-            result = run_child(spec)
+            result = run_json_child("bench.levers", json.dumps(spec))
             runs[arm].append(result)
             print(f"  {arm} #{repeat}: {json.dumps(result)}", file=sys.stderr, flush=True)
     reference_image = np.load(work / "fp32.npy")

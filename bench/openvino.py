@@ -43,11 +43,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.common import run_json_child
 from bench.suite import PROMPT, _current_rss_mb, _instrument, _rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,11 +285,7 @@ def inspect_ir_bin(bin_path: Path) -> dict:
 
 # -- the parent -----------------------------------------------------------------------------------------------
 def run_child(python: str, kind: str, spec: dict) -> dict:
-    done = subprocess.run([python, "-m", "bench.openvino", "--child", kind, json.dumps(spec)], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, **OFFLINE))
-    if done.returncode != 0:
-        raise RuntimeError(f"child {kind} {spec.get('arm', '')} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json_child("bench.openvino", kind, json.dumps(spec), python=python, env=dict(os.environ, **OFFLINE))
 
 
 def export(args, model: Path) -> dict:

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import run_json_child
+
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_HEADING = "## Other benchmarks"  # BENCHMARKS.md from here on is kept as it is when the suite rewrites it
 RESULTS = ROOT / "build" / "bench" / "results.json"
@@ -164,14 +166,6 @@ def evict(folder: Path) -> None:
                 os.close(fd)
 
 
-def run_child(kind: str, spec: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "bench.suite", "--child", kind, json.dumps(spec)], cwd=ROOT,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {kind} {spec.get('arm')} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def alternate(kind: str, specs: list[dict], repeats: int) -> dict[str, list[dict]]:
     """Run every arm once per repeat, in turn (A B C A B C ...)."""
     runs: dict[str, list[dict]] = {spec["arm"]: [] for spec in specs}
@@ -181,7 +175,7 @@ def alternate(kind: str, specs: list[dict], repeats: int) -> dict[str, list[dict
             if spec["arm"] in failed:
                 continue
             try:
-                result = run_child(kind, {**spec, "repeat": repeat})
+                result = run_json_child("bench.suite", kind, json.dumps({**spec, "repeat": repeat}))
             except RuntimeError as exc:  # recorded and reported; the other arms go on
                 failed[spec["arm"]] = str(exc).strip().splitlines()[-1]
                 print(f"  {kind} {spec['arm']} #{repeat} FAILED: {exc}", file=sys.stderr, flush=True)
@@ -227,7 +221,7 @@ def section_load(args) -> dict:
               "params": sum(models.parameter_counts(Path(folder)).values())}
     for cache in ("warm", "cold"):
         if cache == "warm":
-            run_child("load", {"arm": "read", "model": folder})  # fill the page cache
+            run_json_child("bench.suite", "load", json.dumps({"arm": "read", "model": folder}))  # fill the page cache
         runs = alternate("load", [{**s, "cold": cache == "cold"} for s in specs], args.repeats)
         result[cache] = {arm: {"seconds": median_of(r, "seconds"), "peak_rss_mb": max(x["peak_rss_mb"] for x in r),
                                "rss_mb": median_of(r, "rss_mb"), "dtype": r[0]["dtype"]}
@@ -342,7 +336,7 @@ def section_embedded(args) -> dict:
     done = subprocess.run([sys.executable, "-m", "bench.generate_bench", "--repeats", str(max(args.repeats, 3))],
                           capture_output=True, text=True, cwd=ROOT, check=True)
     table = [l for l in done.stdout.splitlines() if l.startswith("|")]
-    bf16 = run_child("embedded-bf16", {"repeats": max(args.repeats * 5, 10)})
+    bf16 = run_json_child("bench.suite", "embedded-bf16", json.dumps({"repeats": max(args.repeats * 5, 10)}))
     return {"table": table, "bf16": bf16}
 
 
