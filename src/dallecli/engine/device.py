@@ -56,7 +56,7 @@ def choose_dtype(device: str, requested: str | None = None, *, cuda_bf16: bool =
     The CPU gets bfloat16 where it has AMX tiles and float32 elsewhere, each as measured (BENCHMARKS.md):
     with AMX-BF16 (a 2-core Xeon) the SD-Turbo-architecture UNet step took 1.08 s against 3.62 s in float32
     and the VAE decode 2.44 s against 12.57 s (channels-last), the image at 49.2 dB PSNR against float32's
-    (the embedded model: worst 44.2 dB over :data:`BF16_QUALITY_PAIRS`, 7% slower, 0.23 s against 0.22 s);
+    (the embedded model: worst 44.2 dB over :data:`BF16_QUALITY_PAIRS`, and no faster: 286 ms against 279 ms);
     without AMX it was slower than float32 on every CPU measured: on AVX-512 without bf16 instructions (oneDNN
     converts to float32) 2.4x slower for an SD-Turbo-architecture 512x512 image, and on a Xeon with
     AVX-512-BF16 but no AMX the UNet step took 20.1 s against 13.5 s. bfloat16 keeps float32's exponent range,

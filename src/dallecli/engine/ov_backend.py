@@ -97,8 +97,8 @@ def check_backend(backend: str, device: str, pipeline_class: str | None) -> None
 
 def choose_precision(dtype_requested: str | None, cpu_bf16: str | None) -> str:
     """OpenVINO's inference precision for a ``--dtype`` request: "bf16" for bfloat16, "f32" for float32, and for
-    auto (None) "bf16" on CPUs with bfloat16 instructions (AVX-512-BF16 or AMX, ``cpu_bf16`` "native" or "amx": the CPU
-    plugin's own default there, measured 2× faster than its f32 at 50 dB PSNR), else "f32".
+    auto (None) "bf16" on CPUs with bfloat16 instructions (AVX-512-BF16 or AMX, ``cpu_bf16`` "native" or "amx":
+    the CPU plugin's own default there, measured 2× faster than its f32 at 50 dB PSNR), else "f32".
 
     Raises:
         UsageError: float16 (the CPU plugin does not run it).
