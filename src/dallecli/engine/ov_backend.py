@@ -251,8 +251,12 @@ class _Compiled:
     def __init__(self, core, xml_path: Path, precision: str, threads: int):
         check_ir_pair(xml_path)
         model = core.read_model(str(xml_path))
+        # The runtime cache (kernels per input shape) is off: after one pass at 16x16 it served wrong kernels to
+        # every later size, flat images up to 216 levels off (openvino 2026.4). Off, SD-Turbo's 512x512 image took
+        # 3.25 s against 2.83 s on an AMX Xeon (BENCHMARKS.md).
         self.model = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                       "INFERENCE_NUM_THREADS": threads})
+                                                       "INFERENCE_NUM_THREADS": threads,
+                                                       "CPU_RUNTIME_CACHE_CAPACITY": 0})
         self.request = self.model.create_infer_request()
         self.lock = threading.Lock()
 
