@@ -174,6 +174,9 @@ def test_from_merge_is_below_the_cli_and_given_values_win():
     other = merge_stored(stored, model="tiny", loras=(LoraSpec("x.safetensors"),), scheduler="euler")
     assert other["recorded_revision"] is None and other["loras"] == (LoraSpec("x.safetensors"),)
     assert other["scheduler"] == "euler"
+    assert merged["backend"] is None  # an image made by PyTorch: the user's backend
+    openvino = merge_stored({**stored, "backend": {"name": "openvino", "precision": "bf16"}})
+    assert openvino["backend"] == "openvino" and merge_stored(stored, backend="torch")["backend"] == "torch"
     a1111 = merge_stored({"source": "a1111", "prompt": "p", "sampler": "DDIM"})
     assert a1111["scheduler"] == "ddim" and a1111["loras"] == ()
     with pytest.raises(TypeError, match="guidance"):

@@ -4,9 +4,11 @@ with the same images as PyTorch (within float32 rounding), and every refusal in 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import run_dalle
 from dallecli.engine import ov_backend
@@ -218,3 +220,28 @@ def test_a_tiny_image_first_does_not_spoil_later_sizes(isolated_home):
     next(engine.generate(GenerationRequest(**request, width=16, height=16)))
     after = np.asarray(next(engine.generate(GenerationRequest(**request, width=64, height=64))).image)
     assert np.array_equal(after, reference)
+
+
+@needs_openvino
+def test_an_openvino_image_replays_pixel_for_pixel(tiny_pipeline, tmp_path, isolated_home):
+    """``--from`` takes the recorded backend, and the recorded dtype is OpenVINO's precision (the PyTorch parts
+    run float32 whatever it is), so the replay runs what made the image."""
+    from typer.testing import CliRunner
+
+    from dallecli.cli.app import app
+    from dallecli.images import read_metadata
+
+    def generate(*args):
+        done = CliRunner().invoke(app, ["generate", *args, "--json", "--progress", "none"])
+        assert done.exit_code == 0, done.output
+        return json.loads(done.stdout)["images"][0]["path"]
+
+    made = generate("a red circle", "--model", str(tiny_pipeline), "--width", "32", "--height", "32", "--steps", "2",
+                    "--seed", "4", "--backend", "openvino", "--dtype", "bfloat16", "--out", str(tmp_path / "a"))
+    stored = read_metadata(Path(made))
+    assert stored["dtype"] == "bfloat16" and stored["backend"] == {"name": "openvino", "precision": "bf16"}
+    again = generate("--from", made, "--out", str(tmp_path / "b"))
+    assert read_metadata(Path(again))["backend"] == stored["backend"]
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(made)))
+    on_torch = generate("--from", made, "--backend", "torch", "--out", str(tmp_path / "c"))  # given: it wins
+    assert "backend" not in read_metadata(Path(on_torch)) and read_metadata(Path(on_torch))["dtype"] == "bfloat16"

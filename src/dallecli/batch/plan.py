@@ -178,7 +178,7 @@ class Settings:
 def engine_identity(engine, loras: Iterable = ()) -> dict:
     """The resume-key fields an engine fixes for every image of a run: resolved dtype, ``--vae`` name, LoRAs
     (``LoraSpec``) and model revision, as :func:`plan_jobs` takes them (nothing loads)."""
-    return {"dtype": engine.dtype, "vae": engine.vae.name if engine.vae is not None else None,
+    return {"dtype": engine.image_dtype, "vae": engine.vae.name if engine.vae is not None else None,
             "loras": tuple((str(spec.path), float(spec.scale)) for spec in loras),
             "model_revision": engine.model.revision}
 

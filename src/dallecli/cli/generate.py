@@ -63,12 +63,12 @@ def generate(
     stored = read_metadata(from_image) if from_image else {}
     merged = merge_stored(stored, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                           guidance_scale=guidance, width=width, height=height, model=model, dtype=dtype, vae=vae,
-                          clip_skip=clip_skip, scheduler=scheduler,
+                          backend=backend, clip_skip=clip_skip, scheduler=scheduler,
                           loras=tuple(parse_lora(text) for text in lora) if lora else None)
     inputs = replay_inputs(stored, from_image, image, strength)
     if merged["prompt"] is None:
         raise UsageError("give a PROMPT (or --from IMAGE.png)")
-    model, dtype, vae = merged["model"], merged["dtype"], merged["vae"]
+    model, dtype, vae, backend = merged["model"], merged["dtype"], merged["vae"], merged["backend"]
     request = GenerationRequest(num_images=num_images, batch_size=batch_size, **request_fields(merged), **inputs)
     request, folder = prepare_run(request, out, fmt)  # before any model loads
     best_of = prepare_rerank(rerank, keep_candidates, scorer, cache_dir)

@@ -703,12 +703,21 @@ class Engine:
         check_finite(images, self.dtype, loras=True)
         return images
 
+    @property
+    def image_dtype(self) -> str:
+        """The dtype the UNet and VAE decoder run in, as images and batch manifests record it: :attr:`dtype`, or
+        under OpenVINO its precision as a dtype name ("bfloat16"/"float32"; the PyTorch parts stay float32), so
+        that ``--from`` with the recorded backend and dtype replays the same pixels."""
+        if self.openvino_precision is not None:
+            return {"bf16": "bfloat16", "f32": "float32"}[self.openvino_precision]
+        return self.dtype
+
     def _settings(self, prompt: str, seed: int, request: GenerationRequest, scheduler: str, loras: list[dict],
                   check: PromptCheck) -> ImageSettings:
         return ImageSettings(
             prompt=prompt, negative_prompt=request.negative_prompt, seed=seed, steps=request.steps,
             guidance_scale=float(request.guidance_scale), width=request.width, height=request.height,
-            model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.dtype,
+            model=self.model.name, model_revision=self.model.revision, scheduler=scheduler, dtype=self.image_dtype,
             device=self.device, version=__version__, loras=loras, truncation=check.as_metadata(),
             vae=self.vae.name if self.vae is not None else None,
             clip_skip=request.clip_skip if request.clip_skip and request.clip_skip > 1 else None,

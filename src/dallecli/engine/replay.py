@@ -16,10 +16,11 @@ from pathlib import Path
 from dallecli.engine.request import LoraSpec
 from dallecli.errors import UsageError
 
-# Settings a ``--from`` image gives back when not given again: the request's and the engine's (model, dtype, vae).
+# Settings a ``--from`` image gives back when not given again: the request's and the engine's (model, dtype, vae,
+# backend).
 REPLAYED = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height", "clip_skip",
-            "model", "dtype", "vae")
-ENGINE_SETTINGS = ("model", "dtype", "vae", "recorded_revision")
+            "model", "dtype", "vae", "backend")
+ENGINE_SETTINGS = ("model", "dtype", "vae", "backend", "recorded_revision")
 
 
 def merge_stored(stored: dict, *, scheduler: str | None = None, loras: tuple[LoraSpec, ...] | None = None,
@@ -46,6 +47,8 @@ def merge_stored(stored: dict, *, scheduler: str | None = None, loras: tuple[Lor
     if unknown:
         raise TypeError(f"merge_stored() got unexpected settings: {', '.join(unknown)}")
     merged = {key: given[key] if given.get(key) is not None else stored.get(key) for key in REPLAYED}
+    if isinstance(merged["backend"], dict):  # an image records {"name": "openvino", "precision": "bf16"}
+        merged["backend"] = merged["backend"].get("name")
     merged["scheduler"] = scheduler or stored.get("scheduler") or from_a1111_sampler(stored.get("sampler"))
     merged["loras"] = tuple(loras) if loras else tuple(
         LoraSpec(entry.get("registry") or entry["path"], entry.get("scale", 1.0)) for entry in stored.get("loras") or [])

@@ -89,7 +89,8 @@ def serve_forever(config: ServeConfig) -> None:
     shown = f"[{config.host}]" if ":" in config.host else config.host
     base = f"http://{shown}:{sock.getsockname()[1]}"
     log.info("dalle serve: listening on %s (model %s on %s, %s; images in %s%s)", base, engine.model.name,
-             engine.device, engine.dtype, config.out, "; API key required" if config.api_key else "")
+             engine.device, engine.image_dtype + (", OpenVINO" if engine.backend == "openvino" else ""), config.out,
+             "; API key required" if config.api_key else "")
     log.info("OpenAI API %s/v1, AUTOMATIC1111 API %s/sdapi/v1, web page %s/", base, base, base)
 
     class Server(uvicorn.Server):
