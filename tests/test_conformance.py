@@ -221,8 +221,11 @@ def _generate_args(name: str, out: Path, *extra: str) -> list[str]:
 def generated(downloads, world):
     """Per pipeline: generate (--dtype auto), then in a second process --from the PNG, info --json, info."""
     root = world["root"]
-    first = session([_generate_args(name, root / "out" / name, "--dtype", "auto") for name in PIPELINES],
-                    world["offline"], root)
+    # one thread count for both processes, as README asks for bit-exact reruns on a machine whose load varies: the
+    # thread policy leaves busy cores alone, and in bfloat16 (auto on AMX CPUs) 1 against 2 threads moved 18% of
+    # a tiny model's pixels (float32: 0.01%)
+    env = dict(world["offline"], DALLE_THREADS="2")
+    first = session([_generate_args(name, root / "out" / name, "--dtype", "auto") for name in PIPELINES], env, root)
     made = dict(zip(PIPELINES, first))
     second_commands, owners = [], []
     for name, result in made.items():
@@ -233,7 +236,7 @@ def generated(downloads, world):
         second_commands += [["generate", "--from", png, "--out", str(root / "replay" / name), "--json"],
                             ["info", png, "--json"], ["info", png]]
         owners += [(name, "from"), (name, "info_json"), (name, "info")]
-    second = session(second_commands, world["offline"], root) if second_commands else []
+    second = session(second_commands, env, root) if second_commands else []
     replays: dict[str, dict] = {name: {"generate": result} for name, result in made.items()}
     for (name, step), result in zip(owners, second):
         replays[name][step] = result
