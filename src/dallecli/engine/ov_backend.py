@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,10 +208,11 @@ def _example_inputs(pipe) -> dict:
 
 
 def export(pipe, folder: Path) -> float:
-    """Convert the UNet and VAE decoder of ``pipe`` to OpenVINO IR in ``folder`` (written whole or not at all:
-    into a temporary folder beside it, then renamed). Returns the seconds it took.
+    """Convert the UNet and VAE decoder of ``pipe`` to OpenVINO IR in ``folder``, written whole or not at all
+    (:func:`dallecli.atomic.staged_folder`). Returns the seconds it took.
 
     Raises:
+        DiskFullError: the disk filled up; nothing is left behind.
         OSError: the cache folder cannot be written.
     """
     import time
@@ -222,26 +221,22 @@ def export(pipe, folder: Path) -> float:
     import openvino as ov
     import torch
 
+    from dallecli.atomic import staged_folder
+
     started = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        examples = _example_inputs(pipe)
-        with torch.no_grad(), warnings.catch_warnings():
-            # the tracer's notes on shape branches (see _example_inputs) and diffusers' deprecations: not the user's
-            warnings.simplefilter("ignore")
-            for name, module in zip(PARTS, _wrappers(pipe)):
-                model = ov.convert_model(module, example_input=examples[name])
-                ov.save_model(model, work / f"{name}.xml", compress_to_fp16=False)  # exact: no weight rounding
-                del model
-        (work / "export.json").write_text(json.dumps({"format": EXPORT_FORMAT, "openvino": ov.__version__}))
-        try:
-            work.rename(folder)
-        except OSError:  # another process finished the same export first: keep theirs
-            if not (folder / "export.json").exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        with staged_folder(folder, overwrite=False, what=f"the OpenVINO export in {folder}") as work:
+            examples = _example_inputs(pipe)
+            with torch.no_grad(), warnings.catch_warnings():
+                # the tracer's notes on shape branches (see _example_inputs) and diffusers' deprecations
+                warnings.simplefilter("ignore")
+                for name, module in zip(PARTS, _wrappers(pipe)):
+                    model = ov.convert_model(module, example_input=examples[name])
+                    ov.save_model(model, work / f"{name}.xml", compress_to_fp16=False)  # exact: no weight rounding
+                    del model
+            (work / "export.json").write_text(json.dumps({"format": EXPORT_FORMAT, "openvino": ov.__version__}))
+    except FileExistsError:  # another process finished the same export first: keep theirs
+        pass
     return time.perf_counter() - started
 
 
@@ -292,6 +287,7 @@ def accelerate(pipe, weight_digests: list[str], cache_root: Path, *, dtype: str,
 
     Raises:
         UnsafeWeightsError, CorruptWeightsError: a cached export that is not an IR pair (:func:`check_ir_pair`).
+        DiskFullError: the export did not fit on the disk.
         OSError: the cache cannot be written.
     """
     import time
