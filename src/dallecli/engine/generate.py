@@ -709,7 +709,9 @@ class Engine:
         under OpenVINO its precision as a dtype name ("bfloat16"/"float32"; the PyTorch parts stay float32), so
         that ``--from`` with the recorded backend and dtype replays the same pixels."""
         if self.openvino_precision is not None:
-            return {"bf16": "bfloat16", "f32": "float32"}[self.openvino_precision]
+            from dallecli.engine.ov_backend import PRECISIONS
+
+            return next(dtype for dtype, precision in PRECISIONS.items() if precision == self.openvino_precision)
         return self.dtype
 
     def _settings(self, prompt: str, seed: int, request: GenerationRequest, scheduler: str, loras: list[dict],
@@ -722,7 +724,7 @@ class Engine:
             vae=self.vae.name if self.vae is not None else None,
             clip_skip=request.clip_skip if request.clip_skip and request.clip_skip > 1 else None,
             unknown_words=list(check.unknown) or None,
-            backend=({"name": self.backend, "precision": self.openvino.precision} if self.openvino else None),
+            backend={"name": self.backend, "precision": self.openvino_precision} if self.openvino_precision else None,
             **self._input_settings(request),
         )
 

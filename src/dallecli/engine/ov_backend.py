@@ -37,6 +37,7 @@ INSTALL_HINT = "pip install 'dallecli[openvino]'"
 # the pipelines whose UNet takes (sample, timestep, encoder_hidden_states) and nothing else
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 PARTS = ("unet", "vae_decoder")
+PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}  # dtype name -> the CPU plugin's inference precision
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,8 @@ def choose_precision(dtype_requested: str | None, cpu_bf16: str | None) -> str:
     """
     if dtype_requested in (None, "auto"):
         return "bf16" if cpu_bf16 in ("amx", "native") else "f32"
-    if dtype_requested == "bfloat16":
-        return "bf16"
-    if dtype_requested == "float32":
-        return "f32"
+    if dtype_requested in PRECISIONS:
+        return PRECISIONS[dtype_requested]
     raise UsageError(f"--backend openvino runs float32 or bfloat16, not {dtype_requested}; use --dtype auto")
 
 
